@@ -270,6 +270,11 @@ pub struct T5Config {
     pub is_gated_act: Option<bool>,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// Whether the decoder output is scaled by `d_model^-0.5` before `lm_head`. transformers 5.x
+    /// derives it from `tie_word_embeddings` (then forces that to true) and writes it to the
+    /// config.json files it saves; when absent, it follows `tie_word_embeddings`.
+    #[serde(default)]
+    pub scale_decoder_outputs: Option<bool>,
     #[serde(default = "default_t5_pad")]
     pub pad_token_id: Option<u32>,
     #[serde(default = "default_t5_eos")]
@@ -348,6 +353,12 @@ impl T5Config {
             path: "config.json".into(),
             message: format!("text_config: unsupported activation `{name}`"),
         })
+    }
+
+    /// `T5Config.scale_decoder_outputs` as transformers 5.x resolves it.
+    pub fn scale_decoder_outputs(&self) -> bool {
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings)
     }
 
     pub fn decoder_start_token_id(&self) -> u32 {
@@ -524,20 +535,20 @@ impl Blip2Config {
             })
         };
         let v = &self.vision_config;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 && v.image_size < v.patch_size {
+        if v.patch_size == 0 || v.image_size < v.patch_size {
             return fail(format!(
                 "vision_config: image_size {} and patch_size {} do not fit",
                 v.image_size, v.patch_size
             ));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return fail(format!(
                 "vision_config: hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
         let q = &self.qformer_config;
-        if q.num_attention_heads == 0 || q.hidden_size % q.num_attention_heads != 0 {
+        if q.num_attention_heads == 0 || !q.hidden_size.is_multiple_of(q.num_attention_heads) {
             return fail(format!(
                 "qformer_config: hidden_size {} is not divisible by num_attention_heads {}",
                 q.hidden_size, q.num_attention_heads
@@ -551,7 +562,9 @@ impl Blip2Config {
         }
         match &self.text_config {
             TextConfig::Opt(c) => {
-                if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+                if c.num_attention_heads == 0
+                    || !c.hidden_size.is_multiple_of(c.num_attention_heads)
+                {
                     return fail(format!(
                         "text_config: hidden_size {} is not divisible by num_attention_heads {}",
                         c.hidden_size, c.num_attention_heads
