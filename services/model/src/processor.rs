@@ -46,7 +46,7 @@ pub const TRANSFORMERS_DEFAULT_SIZE: usize = 384;
 const PIL_BICUBIC: u64 = 3;
 
 /// Limits applied before and while decoding untrusted image bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// Largest accepted encoded size in bytes.
     pub max_bytes: usize,

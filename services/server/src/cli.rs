@@ -32,9 +32,10 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Checkpoint directory in the Hugging Face layout.
+    /// Checkpoint directory in the Hugging Face layout; without it, the small checkpoint
+    /// embedded in the binary (random weights, for trying the system out).
     #[arg(long, env = "BLIP2_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Weight precision (the Q-Former stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -47,8 +48,11 @@ impl ModelArgs {
             dtype,
             ..LoadOptions::default()
         };
-        Blip2Model::load(&self.model, &options)
-            .with_context(|| format!("loading {}", self.model.display()))
+        let dir = match &self.model {
+            Some(dir) => dir.clone(),
+            None => crate::default_model::path()?,
+        };
+        Blip2Model::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))
     }
 }
 

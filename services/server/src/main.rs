@@ -5,11 +5,20 @@
 
 mod bench;
 mod cli;
+mod default_model;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::run(args)
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the whole cause chain: what failed and why.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
