@@ -28,6 +28,7 @@ pub struct LoadOptions {
     pub dtype: WeightDtype,
     pub device: Device,
     pub limits: DecodeLimits,
+    pub components: Components,
 }
 
 impl Default for LoadOptions {
@@ -36,8 +37,50 @@ impl Default for LoadOptions {
             dtype: WeightDtype::F32,
             device: Device::Cpu,
             limits: DecodeLimits::default(),
+            components: Components::default(),
         }
     }
+}
+
+/// Which parts of a checkpoint to load: the vision tier needs no language model, the LLM tier
+/// no vision encoder.
+#[derive(Debug, Clone, Copy)]
+pub struct Components {
+    pub vision: bool,
+    pub language_model: bool,
+}
+
+impl Default for Components {
+    fn default() -> Self {
+        Self {
+            vision: true,
+            language_model: true,
+        }
+    }
+}
+
+struct VisionParts {
+    vision: VisionModel,
+    qformer: QFormer,
+}
+
+/// sha256 over config.json and the projection weights, as lowercase hex (first 32 chars).
+fn fingerprint(config: &Path, language_projection: &Linear) -> Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let text = std::fs::read(config).map_err(|source| Error::Io {
+        path: config.to_path_buf(),
+        source,
+    })?;
+    hasher.update(&text);
+    for tensor in std::iter::once(language_projection.weight()).chain(language_projection.bias()) {
+        let values: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        for v in values {
+            hasher.update(v.to_le_bytes());
+        }
+    }
+    let digest = hasher.finalize();
+    Ok(digest.iter().take(16).map(|b| format!("{b:02x}")).collect())
 }
 
 /// The intermediate tensors of encoding a batch of images.
@@ -64,10 +107,10 @@ pub struct Blip2Model {
     config: Blip2Config,
     files: CheckpointFiles,
     dtype: WeightDtype,
-    vision: VisionModel,
-    qformer: QFormer,
+    fingerprint: String,
+    vision: Option<VisionParts>,
     language_projection: Linear,
-    language_model: Arc<dyn LanguageModel>,
+    language_model: Option<Arc<dyn LanguageModel>>,
     processor: ImageProcessor,
     prompt: PromptTokenizer,
     generation: GenerationDefaults,
@@ -114,42 +157,54 @@ impl Blip2Model {
         let store = Arc::new(WeightStore::open(&files.weights)?);
         let dtype = options.dtype.dtype();
         let root = store.var_builder(dtype, &options.device);
-        let build = || -> candle_core::Result<_> {
-            let vision = VisionModel::new(&config.vision_config, root.pp("vision_model"))?;
-            let qformer = QFormer::new(
-                &config.qformer_config,
-                config.num_query_tokens,
-                root.clone(),
-            )?;
-            let language_projection = candle_nn::linear(
-                config.qformer_config.hidden_size,
-                config.text_config.hidden_size(),
-                root.pp("language_projection"),
-            )?;
-            Ok((vision, qformer, language_projection))
+        let explain = |e: Error| match e {
+            Error::Candle(e) => store.explain(e),
+            other => other,
         };
-        let (vision, qformer, language_projection) = build().map_err(|e| store.explain(e))?;
-        let language_model: Arc<dyn LanguageModel> = match &config.text_config {
-            TextConfig::Opt(cfg) => {
-                Arc::new(Opt::new(cfg, root.pp("language_model")).map_err(|e| store.explain(e))?)
-            }
-            TextConfig::T5(cfg) => Arc::new(T5::new(cfg, root.pp("language_model")).map_err(
-                |e| match e {
-                    Error::Candle(e) => store.explain(e),
-                    other => other,
-                },
-            )?),
+        let language_projection = candle_nn::linear(
+            config.qformer_config.hidden_size,
+            config.text_config.hidden_size(),
+            root.pp("language_projection"),
+        )
+        .map_err(|e| store.explain(e))?;
+        let fingerprint = fingerprint(&files.config, &language_projection)?;
+        let vision = if options.components.vision {
+            let build = || -> candle_core::Result<_> {
+                let vision = VisionModel::new(&config.vision_config, root.pp("vision_model"))?;
+                let qformer = QFormer::new(
+                    &config.qformer_config,
+                    config.num_query_tokens,
+                    root.clone(),
+                )?;
+                Ok(VisionParts { vision, qformer })
+            };
+            Some(build().map_err(|e| store.explain(e))?)
+        } else {
+            None
         };
-        if language_model.info().hidden_size != config.text_config.hidden_size() {
-            return Err(Error::Config {
-                path: files.config.clone(),
-                message: format!(
-                    "language_projection gives width {} but the language model embeds tokens at width {}",
-                    config.text_config.hidden_size(),
-                    language_model.info().hidden_size
+        let language_model: Option<Arc<dyn LanguageModel>> = if options.components.language_model {
+            let lm: Arc<dyn LanguageModel> = match &config.text_config {
+                TextConfig::Opt(cfg) => Arc::new(
+                    Opt::new(cfg, root.pp("language_model")).map_err(|e| store.explain(e))?,
                 ),
-            });
-        }
+                TextConfig::T5(cfg) => {
+                    Arc::new(T5::new(cfg, root.pp("language_model")).map_err(explain)?)
+                }
+            };
+            if lm.info().hidden_size != config.text_config.hidden_size() {
+                return Err(Error::Config {
+                    path: files.config.clone(),
+                    message: format!(
+                        "language_projection gives width {} but the language model embeds tokens at width {}",
+                        config.text_config.hidden_size(),
+                        lm.info().hidden_size
+                    ),
+                });
+            }
+            Some(lm)
+        } else {
+            None
+        };
         let image_size = config.vision_config.image_size;
         let processor = ImageProcessor::new(
             ImageProcessorConfig::from_dir(dir, image_size)?,
@@ -161,13 +216,32 @@ impl Blip2Model {
             config,
             files,
             dtype: options.dtype,
+            fingerprint,
             vision,
-            qformer,
             language_projection,
             language_model,
             processor,
             prompt,
             generation,
+        })
+    }
+
+    /// Identifies the vision side of the checkpoint (config + projection weights): soft prompts
+    /// carry it so that a tier serving another checkpoint can refuse them.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn vision_parts(&self) -> Result<&VisionParts> {
+        self.vision.as_ref().ok_or_else(|| {
+            Error::InvalidInput("this instance was loaded without the vision encoder".into())
+        })
+    }
+
+    /// The language model; an error when it was not loaded ([`Components`]).
+    pub fn language_model(&self) -> Result<&Arc<dyn LanguageModel>> {
+        self.language_model.as_ref().ok_or_else(|| {
+            Error::InvalidInput("this instance was loaded without the language model".into())
         })
     }
 
@@ -181,10 +255,6 @@ impl Blip2Model {
 
     pub fn dtype(&self) -> WeightDtype {
         self.dtype
-    }
-
-    pub fn language_model(&self) -> &Arc<dyn LanguageModel> {
-        &self.language_model
     }
 
     pub fn processor(&self) -> &ImageProcessor {
@@ -206,12 +276,13 @@ impl Blip2Model {
 
     /// Runs preprocessed images `[B, 3, H, W]` through vision encoder, Q-Former and projection.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<ImageEncoding> {
-        let image_embeds = self.vision.forward(pixel_values)?;
-        let query_output = self.qformer.forward(&image_embeds)?;
+        let parts = self.vision_parts()?;
+        let image_embeds = parts.vision.forward(pixel_values)?;
+        let query_output = parts.qformer.forward(&image_embeds)?;
         // The reference casts the f32 query output back to the vision dtype for the projection.
         let soft_prompt = self
             .language_projection
-            .forward(&query_output.to_dtype(self.vision.dtype())?)?;
+            .forward(&query_output.to_dtype(parts.vision.dtype())?)?;
         Ok(ImageEncoding {
             pixel_values: pixel_values.clone(),
             image_embeds,
@@ -229,7 +300,8 @@ impl Blip2Model {
             .iter()
             .map(|bytes| self.preprocess(bytes))
             .collect::<Result<Vec<_>>>()?;
-        let pixel_values = Tensor::stack(&pixels, 0)?.to_device(self.language_model.device())?;
+        let device = self.language_projection.weight().device().clone();
+        let pixel_values = Tensor::stack(&pixels, 0)?.to_device(&device)?;
         self.encode_pixels(&pixel_values)
     }
 
@@ -252,7 +324,7 @@ impl Blip2Model {
             self.config.num_query_tokens,
             self.config.text_config.hidden_size(),
         );
-        let lm = &self.language_model;
+        let lm = self.language_model()?;
         let dtype = self.language_projection.weight().dtype();
         let mut parts = Vec::with_capacity(prompt.pieces.len());
         for piece in &prompt.pieces {
@@ -279,11 +351,9 @@ impl Blip2Model {
     /// The ids the reference's repetition penalty sees before the first generated token: the
     /// decoder input for decoder-only models, the decoder start for encoder-decoder models.
     pub fn penalty_context(&self, prompt: &Prompt) -> Vec<u32> {
-        let info = self.language_model.info();
-        if info.is_encoder_decoder {
-            info.decoder_start_token_id.into_iter().collect()
-        } else {
-            prompt.input_ids.clone()
+        match &self.config.text_config {
+            TextConfig::T5(cfg) => vec![cfg.decoder_start_token_id()],
+            TextConfig::Opt(_) => prompt.input_ids.clone(),
         }
     }
 

@@ -121,7 +121,7 @@ fn run_generate(
 ) -> Vec<u32> {
     let mut ignore = |_: &generation::TokenEvent| ControlFlow::Continue(());
     generation::generate(
-        model.language_model().as_ref(),
+        model.language_model().unwrap().as_ref(),
         embeds,
         context,
         params,
@@ -221,7 +221,7 @@ fn check_checkpoint(name: &str) {
         let embeds = model.prompt_embeds(&prompt, &soft).unwrap();
 
         // Raw logits of every greedy step, teacher-forced on the reference ids.
-        let lm = model.language_model();
+        let lm = model.language_model().unwrap();
         let mut cache = lm.new_cache();
         let reference_logits = &golden["greedy_logits"];
         let mut logits = lm.prefill(&embeds, &mut cache).unwrap();

@@ -208,7 +208,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ControlFlow::Continue(())
     };
     let output = generation::generate(
-        model.language_model().as_ref(),
+        model.language_model()?.as_ref(),
         &embeds,
         &model.penalty_context(&prompt),
         &params,

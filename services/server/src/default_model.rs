@@ -48,8 +48,7 @@ pub fn path() -> Result<PathBuf> {
         fingerprint(),
         std::process::id()
     ));
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     for (name, bytes) in FILES {
         std::fs::write(staging.join(name), bytes)
             .with_context(|| format!("writing {}", staging.join(name).display()))?;
