@@ -1,0 +1,1 @@
+//! The BLIP-2 llm tier (work in progress).

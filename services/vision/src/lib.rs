@@ -1,0 +1,1 @@
+//! The BLIP-2 vision tier (work in progress).
