@@ -1,1 +1,167 @@
-//! The BLIP-2 llm tier (work in progress).
+//! # blip2-llm
+//!
+//! The LLM tier of the BLIP-2 backend: `Generate` takes a prompt as text segments and image
+//! placeholders, then one soft prompt per placeholder (from the vision tier, possibly via the
+//! session tier), and streams the generated tokens back; `Info` describes the checkpoint.
+//!
+//! Each running request generates on the blocking pool with
+//! [`blip2_model::generation::generate`], so the tier gives exactly the tokens `blip2 generate`
+//! gives for the same assembled prompt. Admission is two semaphores: one bounds the calls in
+//! flight (running + waiting, RESOURCE_EXHAUSTED beyond), one the generations running at once.
+//!
+//! # Layout
+//! - [`prompt`]: segments -> the prompt text to tokenise ([`prompt_text`]) and placeholders.
+//! - [`params`]: proto parameters -> validated decoding parameters ([`generation_params`]).
+//! - `setup`: the first phase of a call: `setup` and the soft prompts, checked.
+//! - `worker`: generation on the blocking pool, tokens into the response channel.
+//! - `service`: the `LlmService` implementation, admission, cancellation.
+//! - [`error`]: the tier's error type and its mapping to `tonic::Status`.
+
+pub mod error;
+pub mod params;
+pub mod prompt;
+mod service;
+mod setup;
+mod worker;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blip2_model::model::Blip2Model;
+use blip2_proto::v1::llm_service_server::LlmServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+
+pub use error::Error;
+pub use params::generation_params;
+pub use prompt::prompt_text;
+
+/// Limits of an LLM tier.
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    /// Generations running at once (at least 1).
+    pub max_concurrency: usize,
+    /// Calls waiting (receiving their input or waiting for a running slot); beyond them a call
+    /// is refused with RESOURCE_EXHAUSTED at once.
+    pub max_queue: usize,
+    /// Largest `max_new_tokens` a request may ask for.
+    pub max_new_tokens_limit: usize,
+    /// Time for a call to send `setup` and all its soft prompts (DEADLINE_EXCEEDED beyond).
+    pub setup_timeout: Duration,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            max_concurrency: 4,
+            max_queue: 16,
+            max_new_tokens_limit: 512,
+            setup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Largest message a client may send besides soft prompts (the setup's prompt text).
+const MAX_SETUP_MESSAGE_BYTES: usize = 4 << 20;
+/// Room in a soft prompt message for its hash, fingerprint and framing.
+const SOFT_PROMPT_OVERHEAD_BYTES: usize = 64 << 10;
+
+/// The LLM tier: a cloneable handle on one loaded checkpoint and its admission state.
+#[derive(Clone)]
+pub struct LlmTier {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub model: Arc<Blip2Model>,
+    pub checkpoint: String,
+    pub config: LlmConfig,
+    /// Calls in flight: running + waiting.
+    pub admission: Arc<Semaphore>,
+    /// Generations running.
+    pub slots: Arc<Semaphore>,
+    pub running: AtomicU32,
+    pub completed: AtomicU64,
+}
+
+impl LlmTier {
+    /// A tier serving `model` (which must include its language model), named `checkpoint` in
+    /// `Info`.
+    pub fn new(model: Arc<Blip2Model>, checkpoint: String, config: LlmConfig) -> Self {
+        let config = LlmConfig {
+            max_concurrency: config.max_concurrency.max(1),
+            ..config
+        };
+        let in_flight = config.max_concurrency.saturating_add(config.max_queue);
+        let inner = Inner {
+            model,
+            checkpoint,
+            admission: Arc::new(Semaphore::new(in_flight.min(Semaphore::MAX_PERMITS))),
+            slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            config,
+            running: AtomicU32::new(0),
+            completed: AtomicU64::new(0),
+        };
+        LlmTier {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Generations running now.
+    pub fn running(&self) -> u32 {
+        self.inner.running.load(Ordering::Relaxed)
+    }
+
+    /// Generations finished since start, for any reason (cancelled and failed ones included).
+    pub fn completed(&self) -> u64 {
+        self.inner.completed.load(Ordering::Relaxed)
+    }
+
+    /// The gRPC service, accepting messages as large as one f32 soft prompt of this checkpoint.
+    pub fn into_server(self) -> LlmServiceServer<LlmTier> {
+        let config = self.inner.model.config();
+        let soft_prompt_bytes =
+            config.num_query_tokens * config.text_config.hidden_size() * std::mem::size_of::<f32>()
+                + SOFT_PROMPT_OVERHEAD_BYTES;
+        LlmServiceServer::new(self)
+            .max_decoding_message_size(soft_prompt_bytes.max(MAX_SETUP_MESSAGE_BYTES))
+            .max_encoding_message_size(MAX_SETUP_MESSAGE_BYTES)
+    }
+}
+
+/// Serves the tier (+ grpc.health.v1, SERVING for "blip2.v1.LlmService" and "", and
+/// reflection) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    tier: LlmTier,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, routes) = match blip2_common::server::standard_routes() {
+        Ok(standard) => standard,
+        Err(error) => {
+            // Only a broken descriptor set gets here: serve without reflection rather than not.
+            tracing::error!(%error, "cannot build server reflection; serving without it");
+            let (health, service) = tonic_health::server::health_reporter();
+            (health, tonic::service::Routes::new(service))
+        }
+    };
+    health.set_serving::<LlmServiceServer<LlmTier>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm would hold them back.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .add_service(tier.into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -3,8 +3,8 @@
 //! Pillow decodes JPEG with libjpeg-turbo (ISLOW integer IDCT, fancy chroma upsampling, its
 //! fixed-point YCbCr tables). The `image` crate's decoder (zune-jpeg) rounds differently, so
 //! JPEGs go through the `mozjpeg` crate instead: mozjpeg-sys builds the libjpeg-turbo-derived C
-//! decoder with the `cc` crate (no SIMD, so no nasm or cmake; libjpeg-turbo's SIMD routines are
-//! bit-exact with its C ones for this decode path).
+//! decoder with the `cc` crate (no SIMD, so no nasm or cmake; libjpeg-turbo's SIMD routines give
+//! the same bytes as its C ones on valid data, see below).
 //!
 //! What follows Pillow (checked against Pillow 13.0 / libjpeg-turbo 3.x):
 //! - Greyscale (1 component) and 3-component (YCbCr or Adobe RGB) JPEGs are decoded by libjpeg
@@ -13,10 +13,14 @@
 //!   inverted polarity (`CMYK;I`, each byte `255 - v`) and converts with `cmyk2rgb`; see
 //!   [`cmyk_inverted_to_rgb`]. Other component counts are refused, as Pillow does.
 //! - Truncated data is an error (Pillow: "image file is truncated"): libjpeg-turbo would pad the
-//!   missing data and only warn, so the decoder's reads past the end are tracked and any before
-//!   the last scanline fail the decode. A missing EOI marker after complete data is accepted,
-//!   as Pillow accepts it. Other libjpeg warnings (corrupt data it recovers from) are silent and
+//!   missing data and only warn, so the decoder's reads past the end are tracked and one before
+//!   the last scanline fails the decode. That is exactly when Pillow's suspending source runs
+//!   dry; in practice it includes a file missing only its EOI marker, since the entropy decoder
+//!   reads ahead into it. Other libjpeg warnings (corrupt data it recovers from) are silent and
 //!   not errors, as in Pillow.
+//! - Corrupt entropy data that libjpeg recovers from can give dequantised coefficients that
+//!   overflow 16 bits; libjpeg-turbo's SIMD IDCT (Pillow's) and its C IDCT (used here) then
+//!   differ near the damage. Valid JPEGs never reach that range, so they decode identically.
 //! - Fatal libjpeg errors unwind out of the C code (mozjpeg's error manager) and are caught
 //!   here, so corrupt input is an [`Error::Image`] with libjpeg's message; nothing is printed.
 
@@ -94,10 +98,12 @@ fn decode_unguarded(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     }
     let pixels: Vec<u8> = started.read_scanlines().map_err(jpeg_err)?;
     if overran.get() {
-        return Err(jpeg_err("image file is truncated (premature end of JPEG data)"));
+        return Err(jpeg_err(
+            "image file is truncated (premature end of JPEG data)",
+        ));
     }
-    // Reads up to EOI; a file that ends here without one is accepted (as Pillow does), but a
-    // fatal error in the trailing markers fails the decode (it unwinds).
+    // Reads up to EOI, as Pillow does: running out of data here is not an error (Pillow ignores
+    // a suspension after the last scanline), a fatal error in the trailing markers is (unwinds).
     started.finish().map_err(jpeg_err)?;
     let rgb = if cmyk {
         cmyk_inverted_to_rgb(&pixels)
@@ -157,7 +163,7 @@ struct TrackedSlice<'a> {
 
 impl Read for TrackedSlice<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.fill_buf()?.read(buf)?;
+        let n = self.data.get(self.pos..).unwrap_or_default().read(buf)?;
         self.consume(n);
         Ok(n)
     }

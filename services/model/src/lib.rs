@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generation;
+mod jpeg;
 pub mod llm;
 pub mod model;
 pub mod opt;

@@ -28,6 +28,9 @@ enum Command {
     Encode(EncodeArgs),
     /// Print single-model throughput (encode images/s, decode tokens/s) with zero weights.
     Bench(BenchArgs),
+    /// Serve a tier over gRPC (vision, llm, session), or all three in one process.
+    #[command(subcommand)]
+    Serve(crate::serve::Tier),
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +132,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Encode(args) => encode(args),
+        Command::Serve(tier) => crate::serve::run(tier),
         Command::Bench(args) => {
             let options = bench::BenchOptions {
                 images: args.images,

@@ -1,4 +1,4 @@
-//! The `blip2` binary: `generate`, `encode` and `bench` on a BLIP-2 checkpoint.
+//! The `blip2` binary: `serve` any tier, and `generate`, `encode`, `bench` on a checkpoint.
 //!
 //! The command forms of `generate` and `encode` are how the model is checked from outside:
 //! keep them stable.
@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod default_model;
+mod serve;
 
 use std::process::ExitCode;
 

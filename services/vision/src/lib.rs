@@ -1,1 +1,95 @@
-//! The BLIP-2 vision tier (work in progress).
+//! # blip2-vision
+//!
+//! The vision tier: `blip2.v1.VisionService`. Image bytes in, one soft visual prompt
+//! `[num_query_tokens, llm_hidden]` per image out, streamed in request order as each is ready.
+//! Soft prompts are cached by the image's sha256, so a client may later send the hash alone.
+//!
+//! # Layout
+//! - [`service`]: [`VisionTier`], the gRPC service: validation, admission, the per-call pipeline.
+//! - [`batcher`]: the model's own thread, running queued images in micro-batches.
+//! - [`cache`]: the byte-bounded LRU soft-prompt cache.
+//! - [`request`]: `EncodeRequest` checked into a validated type.
+//! - [`error`]: the crate's error type and its mapping to gRPC statuses.
+//! - [`serve`]: the tier with health and reflection on a listener, until shutdown.
+
+pub mod batcher;
+pub mod cache;
+pub mod error;
+pub mod request;
+pub mod service;
+
+use std::future::Future;
+
+use blip2_proto::v1::vision_service_server::VisionServiceServer;
+use tonic_health::ServingStatus;
+
+pub use error::Error;
+pub use service::VisionTier;
+
+/// Limits and sizes of a vision tier.
+#[derive(Debug, Clone)]
+pub struct VisionConfig {
+    /// Budget of the soft-prompt cache in bytes (tensor data, in the model dtype).
+    pub cache_bytes: usize,
+    /// Encode calls running at once; one more is refused with RESOURCE_EXHAUSTED at once.
+    pub max_concurrency: usize,
+    /// Images in one Encode call.
+    pub max_images_per_request: usize,
+    /// Encoded size of one image in bytes.
+    pub max_image_bytes: usize,
+    /// Images run through the model in one forward pass, at most.
+    pub max_batch_size: usize,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 256 << 20,
+            max_concurrency: 4,
+            max_images_per_request: 16,
+            max_image_bytes: 20 << 20,
+            max_batch_size: 8,
+        }
+    }
+}
+
+/// Serves VisionService, grpc.health.v1 and reflection on `listener` until `shutdown` resolves,
+/// then finishes the calls in flight. Health of `blip2.v1.VisionService` and of the server ("")
+/// is SERVING while serving and NOT_SERVING from the moment shutdown starts.
+pub async fn serve(
+    tier: VisionTier,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, routes) = match blip2_common::server::standard_routes() {
+        Ok(standard) => standard,
+        Err(error) => {
+            // Only a broken descriptor set gets here; serve without reflection rather than not.
+            tracing::error!(%error, "server reflection unavailable");
+            let (health, service) = tonic_health::server::health_reporter();
+            (health, tonic::service::Routes::new(service))
+        }
+    };
+    health
+        .set_serving::<VisionServiceServer<VisionTier>>()
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("vision tier shutting down");
+        health
+            .set_not_serving::<VisionServiceServer<VisionTier>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    };
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .add_service(tier.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            signal,
+        )
+        .await
+}

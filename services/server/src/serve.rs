@@ -1,0 +1,273 @@
+//! `blip2 serve vision|llm|session|all`: one binary serves any tier.
+//!
+//! Each tier prints `blip2 <tier> listening on ADDR` on stdout once it accepts connections
+//! (tests and scripts bind port 0 and read the port from that line), serves grpc.health.v1 and
+//! reflection, and stops on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use blip2_model::checkpoint::WeightDtype;
+use blip2_model::model::{Blip2Model, Components, LoadOptions};
+use clap::{Args, Subcommand};
+use tokio::net::TcpListener;
+
+#[derive(Subcommand, Debug)]
+pub enum Tier {
+    /// Image bytes in, soft visual prompts out.
+    Vision(VisionArgs),
+    /// Prompt + soft prompts in, tokens out.
+    Llm(LlmArgs),
+    /// Multi-turn dialogue; what a chatbot calls.
+    Session(SessionArgs),
+    /// The three tiers in one process on loopback (one machine).
+    All(AllArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelFlags {
+    /// Checkpoint directory; without it, the small checkpoint embedded in the binary.
+    #[arg(long, env = "BLIP2_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Weight precision (the Q-Former stays f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl ModelFlags {
+    fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => crate::default_model::path(),
+        }
+    }
+
+    fn load(&self, components: Components) -> Result<(Arc<Blip2Model>, String)> {
+        let dir = self.dir()?;
+        let dtype: WeightDtype = self.dtype.parse()?;
+        let options = LoadOptions {
+            dtype,
+            components,
+            ..LoadOptions::default()
+        };
+        let model = Blip2Model::load(&dir, &options)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let name = self
+            .model
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "embedded-default (random weights)".to_string());
+        Ok((Arc::new(model), name))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct VisionArgs {
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    model: ModelFlags,
+    /// Soft-prompt cache budget in MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: usize,
+    /// Concurrent Encode calls; beyond them RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 4)]
+    max_concurrency: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct LlmArgs {
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    model: ModelFlags,
+    /// Generations running at once.
+    #[arg(long, default_value_t = 4)]
+    max_concurrency: usize,
+    /// Generations waiting; beyond them RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 16)]
+    max_queue: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionArgs {
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    listen: SocketAddr,
+    /// Vision tier address (repeat for replicas), e.g. http://127.0.0.1:50051.
+    #[arg(long = "vision", required = true)]
+    vision: Vec<String>,
+    /// LLM tier address (repeat for replicas), e.g. http://127.0.0.1:50052.
+    #[arg(long = "llm", required = true)]
+    llm: Vec<String>,
+    /// Checkpoint whose tokenizer counts prompt tokens (default: the embedded one).
+    #[command(flatten)]
+    model: ModelFlags,
+    /// Element type in which soft prompts travel from the vision tier (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
+    soft_prompt_dtype: String,
+}
+
+#[derive(Args, Debug)]
+pub struct AllArgs {
+    /// Address of the session tier (the one clients call).
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    model: ModelFlags,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .ok();
+}
+
+async fn bind(tier: &str, addr: SocketAddr) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{tier}: binding {addr}"))?;
+    Ok(listener)
+}
+
+fn announce(tier: &str, listener: &TcpListener) -> Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    writeln!(out, "blip2 {tier} listening on {addr}")?;
+    out.flush()?;
+    Ok(addr)
+}
+
+fn vision_tier(model: Arc<Blip2Model>, name: String, args: &VisionArgs) -> blip2_vision::VisionTier {
+    let config = blip2_vision::VisionConfig {
+        cache_bytes: args.cache_mib << 20,
+        max_concurrency: args.max_concurrency,
+        ..blip2_vision::VisionConfig::default()
+    };
+    blip2_vision::VisionTier::new(model, name, config)
+}
+
+fn llm_tier(model: Arc<Blip2Model>, name: String, args: &LlmArgs) -> blip2_llm::LlmTier {
+    let config = blip2_llm::LlmConfig {
+        max_concurrency: args.max_concurrency,
+        max_queue: args.max_queue,
+        ..blip2_llm::LlmConfig::default()
+    };
+    blip2_llm::LlmTier::new(model, name, config)
+}
+
+fn wire_dtype(name: &str) -> Result<blip2_proto::v1::Dtype> {
+    let dtype: WeightDtype = name.parse()?;
+    Ok(match dtype {
+        WeightDtype::F32 => blip2_proto::v1::Dtype::F32,
+        WeightDtype::F16 => blip2_proto::v1::Dtype::F16,
+        WeightDtype::Bf16 => blip2_proto::v1::Dtype::Bf16,
+    })
+}
+
+fn session_tier(
+    vision: Vec<String>,
+    llm: Vec<String>,
+    model_dir: PathBuf,
+    soft_prompt_dtype: blip2_proto::v1::Dtype,
+) -> Result<blip2_session::SessionTier> {
+    let config = blip2_session::SessionConfig {
+        vision_addrs: vision,
+        llm_addrs: llm,
+        model_dir: Some(model_dir),
+        soft_prompt_dtype,
+        ..blip2_session::SessionConfig::default()
+    };
+    Ok(blip2_session::SessionTier::new(config)?)
+}
+
+pub fn run(tier: Tier) -> Result<()> {
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(tier))
+}
+
+async fn serve(tier: Tier) -> Result<()> {
+    let shutdown = blip2_common::server::shutdown_signal;
+    match tier {
+        Tier::Vision(args) => {
+            let (model, name) = args.model.load(Components {
+                vision: true,
+                language_model: false,
+            })?;
+            let tier = vision_tier(model, name, &args);
+            let listener = bind("vision", args.listen).await?;
+            announce("vision", &listener)?;
+            blip2_vision::serve(tier, listener, shutdown()).await?;
+        }
+        Tier::Llm(args) => {
+            let (model, name) = args.model.load(Components {
+                vision: false,
+                language_model: true,
+            })?;
+            let tier = llm_tier(model, name, &args);
+            let listener = bind("llm", args.listen).await?;
+            announce("llm", &listener)?;
+            blip2_llm::serve(tier, listener, shutdown()).await?;
+        }
+        Tier::Session(args) => {
+            let dtype = wire_dtype(&args.soft_prompt_dtype)?;
+            let tier = session_tier(args.vision, args.llm, args.model.dir()?, dtype)?;
+            let listener = bind("session", args.listen).await?;
+            announce("session", &listener)?;
+            blip2_session::serve(tier, listener, shutdown()).await?;
+        }
+        Tier::All(args) => {
+            // One model instance serves the vision and LLM tiers of this process.
+            let (model, name) = args.model.load(Components::default())?;
+            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+            let vision_listener = bind("vision", loopback).await?;
+            let llm_listener = bind("llm", loopback).await?;
+            let vision_addr = announce("vision", &vision_listener)?;
+            let llm_addr = announce("llm", &llm_listener)?;
+            let vision = vision_tier(
+                model.clone(),
+                name.clone(),
+                &VisionArgs {
+                    listen: vision_addr,
+                    model: args.model.clone(),
+                    cache_mib: 256,
+                    max_concurrency: 4,
+                },
+            );
+            let llm = llm_tier(
+                model,
+                name,
+                &LlmArgs {
+                    listen: llm_addr,
+                    model: args.model.clone(),
+                    max_concurrency: 4,
+                    max_queue: 16,
+                },
+            );
+            let session = session_tier(
+                vec![format!("http://{vision_addr}")],
+                vec![format!("http://{llm_addr}")],
+                args.model.dir()?,
+                blip2_proto::v1::Dtype::F32,
+            )?;
+            let session_listener = bind("session", args.listen).await?;
+            let vision_task = tokio::spawn(blip2_vision::serve(vision, vision_listener, shutdown()));
+            let llm_task = tokio::spawn(blip2_llm::serve(llm, llm_listener, shutdown()));
+            announce("session", &session_listener)?;
+            blip2_session::serve(session, session_listener, shutdown()).await?;
+            vision_task.await??;
+            llm_task.await??;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! The session tier's one error type and its mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the session tier.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The configuration cannot work (no replicas, an address that does not parse).
+    #[error("invalid session tier configuration: {0}")]
+    Config(String),
+    /// A bad request: the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An unknown session, turn image or upload.
+    #[error("{0}")]
+    NotFound(String),
+    /// A limit of the tier (sessions, images per session, the upload store).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// No replica of a tier could be reached, or one failed in the middle of a turn.
+    #[error("the {tier} tier is unavailable: {message}")]
+    Unavailable { tier: &'static str, message: String },
+    /// A status a tier answered with, passed through with its code and message.
+    #[error("{message}")]
+    Tier {
+        tier: &'static str,
+        code: Code,
+        message: String,
+    },
+    /// A tier answered something that breaks the protocol.
+    #[error("the {tier} tier broke the protocol: {message}")]
+    Protocol { tier: &'static str, message: String },
+    /// The tokenizer could not be loaded or could not tokenise.
+    #[error(transparent)]
+    Model(#[from] blip2_model::Error),
+    /// A blocking task died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SessionError {
+    /// A short label for metrics and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "config",
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::NotFound(_) => "not_found",
+            Self::ResourceExhausted(_) => "resource_exhausted",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Tier { .. } => "tier",
+            Self::Protocol { .. } => "protocol",
+            Self::Model(_) => "model",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// What a tier's status becomes for the client: UNAVAILABLE (a replica down, or one that
+    /// failed mid-stream) names the tier; every other status passes through with its message.
+    pub(crate) fn from_tier(tier: &'static str, status: &Status) -> Self {
+        match status.code() {
+            Code::Unavailable => Self::Unavailable {
+                tier,
+                message: status.message().to_string(),
+            },
+            code => Self::Tier {
+                tier,
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+}
+
+impl From<SessionError> for Status {
+    fn from(error: SessionError) -> Self {
+        match &error {
+            SessionError::Config(_) => Status::failed_precondition(error.to_string()),
+            SessionError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
+            SessionError::NotFound(_) => Status::not_found(error.to_string()),
+            SessionError::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
+            SessionError::Unavailable { .. } => Status::unavailable(error.to_string()),
+            SessionError::Tier { code, message, .. } => Status::new(*code, message.clone()),
+            SessionError::Protocol { .. } | SessionError::Internal(_) => {
+                Status::internal(error.to_string())
+            }
+            SessionError::Model(model) => blip2_common::status::model_error(model),
+        }
+    }
+}
