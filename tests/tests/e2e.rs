@@ -33,7 +33,11 @@ fn blip2_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(format!("blip2{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo test --workspace`",
+        path.display()
+    );
     path
 }
 
@@ -154,7 +158,9 @@ async fn chat(
             None => {}
         }
     }
-    Err(tonic::Status::internal("stream ended without a final event"))
+    Err(tonic::Status::internal(
+        "stream ended without a final event",
+    ))
 }
 
 /// What the model library itself generates for a dialogue's prompt (the reference for the tiers).
@@ -166,11 +172,8 @@ fn library_answer(
     image_files: &[(&str, String)],
     wire_dtype: DType,
 ) -> String {
-    let segments = blip2_session::build_segments(
-        &PromptTemplate::default(),
-        history,
-        (question, new_images),
-    );
+    let segments =
+        blip2_session::build_segments(&PromptTemplate::default(), history, (question, new_images));
     let text = blip2_llm::prompt_text(&segments);
     // Soft prompts in placeholder order, rounded through the wire dtype as the tiers send them.
     let mut soft_prompts = Vec::new();
@@ -183,7 +186,9 @@ fn library_answer(
             let bytes = std::fs::read(fixture(&format!("images/{file}"))).expect("image");
             let encoding = model.encode_images(&[bytes.as_slice()]).expect("encode");
             let soft = encoding.soft_prompt.i(0).expect("soft prompt");
-            let soft = soft.to_dtype(wire_dtype).and_then(|t| t.to_dtype(DType::F32));
+            let soft = soft
+                .to_dtype(wire_dtype)
+                .and_then(|t| t.to_dtype(DType::F32));
             soft_prompts.push(soft.expect("dtype round trip"));
         }
     }
@@ -234,7 +239,10 @@ async fn three_turn_dialogue(wire_dtype: DType, session_flags: &[&str]) {
         .expect("create")
         .into_inner()
         .session_id;
-    let files = [("wide.png", sha("wide.png")), ("photo.jpg", sha("photo.jpg"))];
+    let files = [
+        ("wide.png", sha("wide.png")),
+        ("photo.jpg", sha("photo.jpg")),
+    ];
     let turns: [(&str, Vec<&str>); 3] = [
         ("what is in the picture?", vec!["wide.png"]),
         ("and in this one?", vec!["photo.jpg"]),
@@ -246,10 +254,17 @@ async fn three_turn_dialogue(wire_dtype: DType, session_flags: &[&str]) {
         let result = chat(&mut client, &session_id, question, images)
             .await
             .expect("chat turn");
-        assert_eq!(result.pieces.concat(), result.text, "streamed pieces joined = final text");
+        assert_eq!(
+            result.pieces.concat(),
+            result.text,
+            "streamed pieces joined = final text"
+        );
         let new_shas: Vec<String> = images.iter().map(|f| sha(f)).collect();
         let expected = library_answer(&model, &history, question, &new_shas, &files, wire_dtype);
-        assert_eq!(result.text, expected, "turn {question:?}: tiers = model library");
+        assert_eq!(
+            result.text, expected,
+            "turn {question:?}: tiers = model library"
+        );
         history.push((question.to_string(), result.text.clone(), new_shas));
         turn_ids.push(result.turn_id);
     }
@@ -295,7 +310,7 @@ async fn sessions_are_isolated_and_errors_leave_them_unchanged() {
     let mut client = SessionServiceClient::connect(system.session.addr.clone())
         .await
         .expect("connect");
-    let mut new_session = || {
+    let new_session = || {
         let mut client = client.clone();
         async move {
             client
@@ -314,7 +329,10 @@ async fn sessions_are_isolated_and_errors_leave_them_unchanged() {
     );
     ra.expect("turn a");
     rb.expect("turn b");
-    for (id, question, image) in [(&a, "what is this?", "gray.png"), (&b, "and this?", "rgba.png")] {
+    for (id, question, image) in [
+        (&a, "what is this?", "gray.png"),
+        (&b, "and this?", "rgba.png"),
+    ] {
         let session = client
             .get_session(GetSessionRequest {
                 session_id: id.clone(),
@@ -358,7 +376,10 @@ async fn sessions_are_isolated_and_errors_leave_them_unchanged() {
         .into_inner();
     assert_eq!(session.turns.len(), 1);
     // Unknown session: NOT_FOUND; an empty turn: INVALID_ARGUMENT.
-    let err = chat(&mut client, &"0".repeat(32), "hi", &[]).await.err().expect("error");
+    let err = chat(&mut client, &"0".repeat(32), "hi", &[])
+        .await
+        .err()
+        .expect("error");
     assert_eq!(err.code(), Code::NotFound);
     let err = chat(&mut client, &b, "", &[]).await.err().expect("error");
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -19,10 +19,18 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
-#[command(name = "blip2-chat", version, about = "Chat about images with a BLIP-2 session tier")]
+#[command(
+    name = "blip2-chat",
+    version,
+    about = "Chat about images with a BLIP-2 session tier"
+)]
 struct Args {
     /// Address of the session tier.
-    #[arg(long, env = "BLIP2_SESSION_ADDR", default_value = "http://127.0.0.1:50050")]
+    #[arg(
+        long,
+        env = "BLIP2_SESSION_ADDR",
+        default_value = "http://127.0.0.1:50050"
+    )]
     addr: String,
     /// Ask this one question and exit.
     #[arg(long)]
@@ -118,7 +126,12 @@ impl Chat {
             } else {
                 format!(" [{} image(s)]", turn.image_ids.len())
             };
-            println!("{}. Q: {}{images}\n   A: {}", i + 1, turn.question, turn.answer);
+            println!(
+                "{}. Q: {}{images}\n   A: {}",
+                i + 1,
+                turn.question,
+                turn.answer
+            );
         }
         Ok(())
     }
@@ -171,7 +184,9 @@ async fn main() -> Result<()> {
     loop {
         print!("> ");
         std::io::stdout().flush().ok();
-        let Some(line) = lines.recv().await else { break };
+        let Some(line) = lines.recv().await else {
+            break;
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;

@@ -1,8 +1,6 @@
 //! Server plumbing every tier uses: grpc.health.v1, server reflection, shutdown on
 //! SIGTERM/SIGINT.
 
-use std::future::Future;
-
 use tonic_health::server::HealthReporter;
 
 /// grpc.health.v1 and server reflection (blip2.v1 and health), as routes a tier adds its own
@@ -19,27 +17,25 @@ pub fn standard_routes(
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => {
-                        ctrl_c.await.ok();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    ctrl_c.await.ok();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
         }
-        #[cfg(not(unix))]
-        {
-            ctrl_c.await.ok();
-        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctrl_c.await.ok();
     }
 }

@@ -7,7 +7,13 @@
 //! Each running request generates on the blocking pool with
 //! [`blip2_model::generation::generate`], so the tier gives exactly the tokens `blip2 generate`
 //! gives for the same assembled prompt. Admission is two semaphores: one bounds the calls in
-//! flight (running + waiting, RESOURCE_EXHAUSTED beyond), one the generations running at once.
+//! flight (running + waiting, RESOURCE_EXHAUSTED beyond), one the generations running at once
+//! (and so the blocking threads the tier occupies).
+//!
+//! Not yet the design's scheduler thread with continuous batching: each running request has its
+//! own decode loop. The model crate already has the blocks for that scheduler
+//! (`SequenceDecoder` per sequence, ragged `LanguageModel::step` over many caches); it would
+//! replace `worker` without changing the protocol, admission or cancellation here.
 //!
 //! # Layout
 //! - [`prompt`]: segments -> the prompt text to tokenise ([`prompt_text`]) and placeholders.

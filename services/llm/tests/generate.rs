@@ -28,21 +28,30 @@ fn reason(reason: blip2_model::generation::FinishReason) -> i32 {
 /// Runs `segments` with `soft_prompts` sent in `dtype` and checks the stream against direct
 /// generation on the same prompt text with the soft prompts as the tier sees them.
 async fn check_parity(
+    checkpoint: &str,
     segments: Vec<blip2_proto::v1::PromptSegment>,
     images: &[&str],
     dtype: DType,
     params: GenerationParams,
     direct_params: blip2_model::generation::GenerationParams,
 ) -> anyhow::Result<()> {
-    let mut server = start(LlmConfig::default()).await?;
-    let encoded: Vec<_> = images.iter().map(|name| soft_prompt_of(name)).collect();
+    let model = load(checkpoint);
+    let mut server = start_with(model.clone(), checkpoint, LlmConfig::default()).await?;
+    let encoded: Vec<_> = images
+        .iter()
+        .map(|name| soft_prompt_by(&model, name))
+        .collect();
     let mut inputs = vec![setup(segments.clone(), params.clone())];
-    inputs.extend(encoded.iter().map(|(t, sha)| soft(wire(t, sha, dtype))));
+    inputs.extend(
+        encoded
+            .iter()
+            .map(|(t, sha)| soft(wire_by(&model, t, sha, dtype))),
+    );
     let streamed = call(&mut server.client, inputs).await?;
 
     let as_seen: Vec<_> = encoded.iter().map(|(t, _)| rounded(t, dtype)).collect();
     let (expected, events, prompt_positions) =
-        direct(&prompt_text(&segments), &as_seen, &direct_params);
+        direct_by(&model, &prompt_text(&segments), &as_seen, &direct_params);
 
     let ids: Vec<u32> = streamed.tokens.iter().map(|t| t.id).collect();
     assert_eq!(ids, expected.token_ids);
@@ -75,6 +84,7 @@ async fn greedy_f32_equals_direct_generation() -> anyhow::Result<()> {
     let (_, sha) = soft_prompt_of("gray.png");
     let segments = vec![placeholder(&sha), text("Question: what is shown? Answer:")];
     check_parity(
+        "opt-a",
         segments,
         &["gray.png"],
         DType::F32,
@@ -89,11 +99,19 @@ async fn f16_soft_prompts_equal_direct_generation_on_the_rounded_prompt() -> any
     let (_, sha) = soft_prompt_of("rgba.png");
     let segments = vec![text("a photo of"), placeholder(&sha), text(" showing")];
     check_parity(
+        "opt-a",
         segments,
         &["rgba.png"],
         DType::F16,
-        wire_params(16),
-        greedy(16),
+        // EOS suppressed, for a sequence long enough to tell the soft prompts apart.
+        GenerationParams {
+            min_new_tokens: Some(16),
+            ..wire_params(16)
+        },
+        blip2_model::generation::GenerationParams {
+            min_new_tokens: 16,
+            ..greedy(16)
+        },
     )
     .await
 }
@@ -119,13 +137,22 @@ async fn two_image_placeholders() -> anyhow::Result<()> {
         ..greedy(12)
     };
     let images = ["gray.png", "palette.png"];
-    check_parity(segments, &images, DType::F32, params, direct_params).await
+    check_parity(
+        "opt-a",
+        segments,
+        &images,
+        DType::F32,
+        params,
+        direct_params,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn text_only_prompt_and_seeded_sampling() -> anyhow::Result<()> {
     let params = GenerationParams {
         max_new_tokens: Some(10),
+        min_new_tokens: Some(10),
         temperature: Some(0.8),
         top_p: Some(0.9),
         seed: Some(42),
@@ -133,15 +160,42 @@ async fn text_only_prompt_and_seeded_sampling() -> anyhow::Result<()> {
     };
     let direct_params = blip2_model::generation::GenerationParams {
         do_sample: true,
+        min_new_tokens: 10,
         temperature: f64::from(0.8f32),
         top_p: f64::from(0.9f32),
         seed: Some(42),
         ..greedy(10)
     };
     check_parity(
+        "opt-a",
         vec![text("Once upon a time")],
         &[],
         DType::F32,
+        params,
+        direct_params,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn t5_greedy_equals_direct_generation() -> anyhow::Result<()> {
+    let t5 = load("t5-a");
+    let (_, sha) = soft_prompt_by(&t5, "wide.png");
+    let segments = vec![placeholder(&sha), text("Question: what is it? Answer:")];
+    let params = GenerationParams {
+        max_new_tokens: Some(10),
+        repetition_penalty: Some(1.3),
+        ..GenerationParams::default()
+    };
+    let direct_params = blip2_model::generation::GenerationParams {
+        repetition_penalty: f64::from(1.3f32),
+        ..greedy_by(&t5, 10)
+    };
+    check_parity(
+        "t5-a",
+        segments,
+        &["wide.png"],
+        DType::F16,
         params,
         direct_params,
     )

@@ -245,6 +245,11 @@ impl Blip2Model {
         })
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.language_projection.weight().device()
+    }
+
     pub fn config(&self) -> &Blip2Config {
         &self.config
     }

@@ -144,7 +144,11 @@ fn announce(tier: &str, listener: &TcpListener) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn vision_tier(model: Arc<Blip2Model>, name: String, args: &VisionArgs) -> blip2_vision::VisionTier {
+fn vision_tier(
+    model: Arc<Blip2Model>,
+    name: String,
+    args: &VisionArgs,
+) -> blip2_vision::VisionTier {
     let config = blip2_vision::VisionConfig {
         cache_bytes: args.cache_mib << 20,
         max_concurrency: args.max_concurrency,
@@ -261,7 +265,8 @@ async fn serve(tier: Tier) -> Result<()> {
                 blip2_proto::v1::Dtype::F32,
             )?;
             let session_listener = bind("session", args.listen).await?;
-            let vision_task = tokio::spawn(blip2_vision::serve(vision, vision_listener, shutdown()));
+            let vision_task =
+                tokio::spawn(blip2_vision::serve(vision, vision_listener, shutdown()));
             let llm_task = tokio::spawn(blip2_llm::serve(llm, llm_listener, shutdown()));
             announce("session", &session_listener)?;
             blip2_session::serve(session, session_listener, shutdown()).await?;

@@ -41,7 +41,11 @@ fn generate_json(model: &str, case: &serde_json::Value, extra: &[&str]) -> serde
 
 #[test]
 fn generate_json_gives_the_reference_greedy_and_beam_ids() {
-    for (model, name) in [("opt-a", "two_images"), ("t5-b", "vqa"), ("opt-b", "caption")] {
+    for (model, name) in [
+        ("opt-a", "two_images"),
+        ("t5-b", "vqa"),
+        ("opt-b", "caption"),
+    ] {
         let case = case(model, name);
         let greedy = &case["greedy"];
         let out = generate_json(
@@ -54,7 +58,10 @@ fn generate_json_gives_the_reference_greedy_and_beam_ids() {
                 &greedy["min_new_tokens"].to_string(),
             ],
         );
-        assert_eq!(out["token_ids"], greedy["token_ids"], "{model}/{name} greedy");
+        assert_eq!(
+            out["token_ids"], greedy["token_ids"],
+            "{model}/{name} greedy"
+        );
         assert!(out["text"].is_string());
         let beam = &case["beam"];
         let out = generate_json(
@@ -78,7 +85,15 @@ fn generate_json_gives_the_reference_greedy_and_beam_ids() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let case = case("opt-a", "vqa");
-    let args = ["--do-sample", "--temperature", "0.9", "--top-p", "0.9", "--seed", "7"];
+    let args = [
+        "--do-sample",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    ];
     let a = generate_json("opt-a", &case, &args);
     let b = generate_json("opt-a", &case, &args);
     assert_eq!(a["token_ids"], b["token_ids"]);
@@ -86,7 +101,8 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn encode_dumps_the_reference_tensors() {
-    let dump = std::env::temp_dir().join(format!("blip2-encode-{}.safetensors", std::process::id()));
+    let dump =
+        std::env::temp_dir().join(format!("blip2-encode-{}.safetensors", std::process::id()));
     let out = blip2()
         .arg("encode")
         .arg("--model")
@@ -97,14 +113,23 @@ fn encode_dumps_the_reference_tensors() {
         .arg(&dump)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ours = candle_core::safetensors::load(&dump, &candle_core::Device::Cpu).unwrap();
     let golden = candle_core::safetensors::load(
         fixtures().join("goldens/opt-a/caption.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    for name in ["pixel_values", "image_embeds", "query_output", "soft_prompt"] {
+    for name in [
+        "pixel_values",
+        "image_embeds",
+        "query_output",
+        "soft_prompt",
+    ] {
         let reference = golden[name].get(0).unwrap();
         assert_eq!(ours[name].dims(), reference.dims(), "{name}");
         let diff = (&ours[name] - &reference)
@@ -135,7 +160,10 @@ fn bad_input_is_a_clear_error_not_a_crash() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("image") && stderr.contains("0 bytes"), "{stderr}");
+    assert!(
+        stderr.contains("image") && stderr.contains("0 bytes"),
+        "{stderr}"
+    );
     let out = blip2()
         .args(["generate", "--model", "/nonexistent-checkpoint", "--json"])
         .output()

@@ -55,7 +55,7 @@ pub(crate) struct PreparedTurn {
 
 /// The session's defaults with the request's overrides, field by field. Written without `..`
 /// so a new field of `GenerationParams` cannot be forgotten here.
-pub fn merge_params(
+pub(crate) fn merge_params(
     defaults: &GenerationParams,
     overrides: Option<&GenerationParams>,
 ) -> GenerationParams {
@@ -124,7 +124,7 @@ impl SessionTier {
         let turn_lock = turn_lock.lock_owned().await;
 
         // A snapshot of the session: the turn lock keeps other turns out, so it stays current.
-        let (template, default_params, past, turns_before, mut known) = {
+        let (template, default_params, past, turns_before, images_before, mut known) = {
             let session = inner
                 .sessions
                 .get(&session_id)
@@ -139,14 +139,11 @@ impl SessionTier {
                 session.default_params.clone(),
                 session.past_turns(),
                 session.turns.len(),
+                session.images.len(),
                 known,
             )
         };
         let attachments = self.resolve_images(&session_id, images).await?;
-        let images_before = inner
-            .sessions
-            .get(&session_id)
-            .map_or(0, |session| session.images.len());
         if images_before + attachments.len() > config.max_images_per_session {
             return Err(SessionError::ResourceExhausted(format!(
                 "the session has {images_before} images; a session holds at most {}",
@@ -210,7 +207,9 @@ impl SessionTier {
                 SessionError::Internal(format!("no soft prompt for image {sha256}"))
             })?;
             inputs.push(GenerateInput {
-                kind: Some(generate_input::Kind::SoftPrompt(soft_prompt.as_ref().clone())),
+                kind: Some(generate_input::Kind::SoftPrompt(
+                    soft_prompt.as_ref().clone(),
+                )),
             });
         }
         Ok(PreparedTurn {
@@ -274,13 +273,12 @@ impl SessionTier {
                             upload_id: None,
                         },
                         None => {
-                            let upload =
-                                inner.uploads.get(&id, session_id).ok_or_else(|| {
-                                    SessionError::NotFound(format!(
-                                        "`images[{index}].image_id` `{id}` is neither an upload \
+                            let upload = inner.uploads.get(&id, session_id).ok_or_else(|| {
+                                SessionError::NotFound(format!(
+                                    "`images[{index}].image_id` `{id}` is neither an upload \
                                          nor an image of this session"
-                                    ))
-                                })?;
+                                ))
+                            })?;
                             let used = attachments.iter().any(|a: &Attachment| a.image_id == id);
                             Attachment {
                                 image_id: if used { random_id() } else { id.clone() },
@@ -373,8 +371,8 @@ impl SessionTier {
             Ok(Some(finish)) => self.finish_turn(turn, finish, &events).await,
             Ok(None) => tracing::debug!(session = %turn.session_id, "client left during a turn"),
             Err(error) => {
-                tracing::warn!(session = %turn.session_id, error_type = error.error_type(), %error, "turn failed");
-                let _ = events.send(Err(error.into())).await;
+                let status = crate::error::report(error, &turn.session_id);
+                let _ = events.send(Err(status)).await;
             }
         }
     }
@@ -414,7 +412,8 @@ impl SessionTier {
             text: finish.text,
         };
         if let Err(error) = self.commit(&turn, &done, finish_reason) {
-            let _ = events.send(Err(error.into())).await;
+            let status = crate::error::report(error, &turn.session_id);
+            let _ = events.send(Err(status)).await;
             return;
         }
         let event = ChatEvent {
@@ -435,12 +434,16 @@ impl SessionTier {
         done: &ChatDone,
         finish_reason: FinishReason,
     ) -> Result<(), SessionError> {
-        let mut session = self.inner.sessions.get_mut(&turn.session_id).ok_or_else(|| {
-            SessionError::NotFound(format!(
-                "session `{}` was deleted during the turn",
-                turn.session_id
-            ))
-        })?;
+        let mut session = self
+            .inner
+            .sessions
+            .get_mut(&turn.session_id)
+            .ok_or_else(|| {
+                SessionError::NotFound(format!(
+                    "session `{}` was deleted during the turn",
+                    turn.session_id
+                ))
+            })?;
         let turn_index = session.turns.len() as u32;
         for attachment in &turn.attachments {
             let soft_prompt = session
@@ -460,7 +463,11 @@ impl SessionTier {
             turn_id: done.turn_id.clone(),
             question: turn.question.clone(),
             answer: done.text.clone(),
-            image_ids: turn.attachments.iter().map(|a| a.image_id.clone()).collect(),
+            image_ids: turn
+                .attachments
+                .iter()
+                .map(|a| a.image_id.clone())
+                .collect(),
             finish_reason,
             usage: done.usage,
         });
@@ -495,9 +502,8 @@ async fn generate_on(
         response = client.generate(ReceiverStream::new(input_receiver)) => response,
         () = events.closed() => return Ok(Attempt::Done(None)),
     };
-    let unreachable = |status: &Status, streamed: bool| {
-        status.code() == Code::Unavailable && !streamed
-    };
+    let unreachable =
+        |status: &Status, streamed: bool| status.code() == Code::Unavailable && !streamed;
     let mut stream = match response {
         Ok(response) => response.into_inner(),
         Err(status) if unreachable(&status, *streamed) => {

@@ -71,6 +71,21 @@ impl SessionError {
     }
 }
 
+/// The status a client gets for `error`, logged here, once: the client's mistakes (INVALID_ARGUMENT,
+/// NOT_FOUND, whichever tier found them) at DEBUG, everything else at WARN.
+pub(crate) fn report(error: SessionError, session_id: &str) -> Status {
+    let error_type = error.error_type();
+    let message = error.to_string();
+    let status = Status::from(error);
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound => {
+            tracing::debug!(session = session_id, error_type, error = %message, "request refused")
+        }
+        _ => tracing::warn!(session = session_id, error_type, error = %message, "request failed"),
+    }
+    status
+}
+
 impl From<SessionError> for Status {
     fn from(error: SessionError) -> Self {
         match &error {

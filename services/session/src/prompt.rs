@@ -40,21 +40,31 @@ pub fn default_template() -> PromptTemplate {
     }
 }
 
-/// Validates a client's template. proto3 cannot tell an unset string from an empty one, so an
-/// empty `past_turn`, `current_turn` or `separator` takes its default; `system` may be empty.
+/// `template` with its defaults filled in. proto3 cannot tell an unset string from an empty one,
+/// so an empty `past_turn`, `current_turn` or `separator` takes its default (`system` may be
+/// empty): `PromptTemplate::default()` is the LAVIS template.
+pub fn with_defaults(template: &PromptTemplate) -> PromptTemplate {
+    let or_default = |value: &str, default: &str| {
+        if value.is_empty() {
+            default.to_string()
+        } else {
+            value.to_string()
+        }
+    };
+    PromptTemplate {
+        system: template.system.clone(),
+        past_turn: or_default(&template.past_turn, DEFAULT_PAST_TURN),
+        current_turn: or_default(&template.current_turn, DEFAULT_CURRENT_TURN),
+        separator: or_default(&template.separator, DEFAULT_SEPARATOR),
+    }
+}
+
+/// Validates a client's template, its defaults filled in ([`with_defaults`]).
 pub fn validate_template(template: Option<PromptTemplate>) -> Result<PromptTemplate, SessionError> {
-    let Some(mut template) = template else {
+    let Some(template) = template else {
         return Ok(default_template());
     };
-    if template.past_turn.is_empty() {
-        template.past_turn = DEFAULT_PAST_TURN.to_string();
-    }
-    if template.current_turn.is_empty() {
-        template.current_turn = DEFAULT_CURRENT_TURN.to_string();
-    }
-    if template.separator.is_empty() {
-        template.separator = DEFAULT_SEPARATOR.to_string();
-    }
+    let template = with_defaults(&template);
     if !template.current_turn.contains("{question}") {
         return Err(SessionError::InvalidArgument(
             "`template.current_turn` must contain `{question}`".into(),
@@ -139,12 +149,14 @@ enum Piece {
 /// The segments the tier sends to the LLM tier for a turn: the system text, the earlier turns
 /// (`turns`, oldest first, each with the images attached at it) and the current turn
 /// (`current`: question and the sha256 of its images), joined by the separator rule of this
-/// module's documentation. Questions and answers are [`sanitize`]d.
+/// module's documentation. Questions and answers are [`sanitize`]d; empty template fields take
+/// their defaults ([`with_defaults`]).
 pub fn build_segments(
     template: &PromptTemplate,
     turns: &[PastTurn],
     current: (&str, &[String]),
 ) -> Vec<PromptSegment> {
+    let template = &with_defaults(template);
     let mut pieces = Vec::new();
     if !template.system.is_empty() {
         pieces.push(Piece::Text(template.system.clone()));
@@ -180,7 +192,9 @@ pub fn build_segments(
                     segments.push(text_segment(std::mem::take(&mut text)));
                 }
                 segments.push(PromptSegment {
-                    kind: Some(prompt_segment::Kind::Image(ImagePlaceholder { image_sha256 })),
+                    kind: Some(prompt_segment::Kind::Image(ImagePlaceholder {
+                        image_sha256,
+                    })),
                 });
                 after_image = true;
             }
@@ -280,7 +294,7 @@ pub fn turns_to_drop(
 /// Counts text tokens: with the checkpoint's tokenizer, or estimated without one.
 pub enum TokenCounter {
     Tokenizer {
-        tokenizer: blip2_model::prompt::PromptTokenizer,
+        tokenizer: Box<blip2_model::prompt::PromptTokenizer>,
         /// Tokens the tokenizer adds to any text (BOS and the like), counted once per prompt.
         special_tokens: usize,
     },
@@ -295,7 +309,7 @@ impl TokenCounter {
     ) -> Result<Self, SessionError> {
         let special_tokens = tokenizer.encode("")?.len();
         Ok(Self::Tokenizer {
-            tokenizer,
+            tokenizer: Box::new(tokenizer),
             special_tokens,
         })
     }
@@ -306,7 +320,10 @@ impl TokenCounter {
             Self::Tokenizer {
                 tokenizer,
                 special_tokens,
-            } => Ok(tokenizer.encode(text)?.len().saturating_sub(*special_tokens)),
+            } => Ok(tokenizer
+                .encode(text)?
+                .len()
+                .saturating_sub(*special_tokens)),
             Self::Estimate => Ok(text.len().div_ceil(3)),
         }
     }

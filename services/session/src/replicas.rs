@@ -221,7 +221,9 @@ fn collect(
         .enumerate()
         .map(|(index, ((sha256, _), prompt))| {
             let mut prompt = prompt.ok_or_else(|| {
-                protocol(format!("the stream ended without the soft prompt of image {index}"))
+                protocol(format!(
+                    "the stream ended without the soft prompt of image {index}"
+                ))
             })?;
             if prompt.image_sha256.is_empty() {
                 prompt.image_sha256 = sha256.clone();
@@ -267,7 +269,9 @@ mod tests {
 
     #[test]
     fn orders_visit_every_replica_once() {
-        let addresses: Vec<String> = (0..3).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect();
+        let addresses: Vec<String> = (0..3)
+            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
+            .collect();
         let replicas = Replicas::new("LLM", &addresses).unwrap();
         let first = replicas.round_robin();
         let second = replicas.round_robin();

@@ -18,15 +18,8 @@ use crate::SessionTier;
 /// Events a turn may have queued for a slow client before the LLM stream waits for it.
 const CHAT_EVENT_BUFFER: usize = 32;
 
-/// The status of a failed request, logged once: a client's mistake at DEBUG, the rest at WARN.
 fn status(error: SessionError) -> Status {
-    match &error {
-        SessionError::InvalidArgument(_) | SessionError::NotFound(_) => {
-            tracing::debug!(error_type = error.error_type(), %error, "request refused");
-        }
-        _ => tracing::warn!(error_type = error.error_type(), %error, "request failed"),
-    }
-    error.into()
+    crate::error::report(error, "")
 }
 
 fn not_found(session_id: &str) -> Status {
@@ -61,10 +54,12 @@ impl SessionService for SessionTier {
         &self,
         request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStream>, Status> {
+        let request = request.into_inner();
+        let session_id = request.session_id.clone();
         let turn = self
-            .prepare_turn(request.into_inner())
+            .prepare_turn(request)
             .await
-            .map_err(status)?;
+            .map_err(|error| crate::error::report(error, &session_id))?;
         let (events, receiver) = mpsc::channel(CHAT_EVENT_BUFFER);
         tokio::spawn(self.clone().run_turn(turn, events));
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -141,9 +136,7 @@ impl SessionService for SessionTier {
             .iter()
             .map(|entry| entry.value().summary())
             .collect();
-        sessions.sort_by(|a, b| {
-            (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id))
-        });
+        sessions.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 

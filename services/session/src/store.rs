@@ -264,7 +264,9 @@ mod tests {
     fn ids_are_32_hex() {
         let id = random_id();
         assert_eq!(id.len(), 32);
-        assert!(id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_uppercase()));
+        assert!(id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase()));
         assert_ne!(id, random_id());
     }
 
@@ -272,7 +274,9 @@ mod tests {
     fn uploads_belong_to_their_session() {
         let store = UploadStore::default();
         let free = store.insert(vec![1], "a".into(), None).unwrap();
-        let owned = store.insert(vec![2, 3], "b".into(), Some("s1".into())).unwrap();
+        let owned = store
+            .insert(vec![2, 3], "b".into(), Some("s1".into()))
+            .unwrap();
         assert!(store.get(&free, "anyone").is_some());
         assert!(store.get(&owned, "s1").is_some());
         assert!(store.get(&owned, "s2").is_none());

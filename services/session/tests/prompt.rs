@@ -38,15 +38,25 @@ fn words(text: &str) -> Result<usize, SessionError> {
 
 #[test]
 fn first_turn_with_an_image_is_the_lavis_prompt() {
-    let segments = build_segments(
-        &default_template(),
-        &[],
-        ("what is this?", &shas(&["aaa"])),
-    );
+    let segments = build_segments(&default_template(), &[], ("what is this?", &shas(&["aaa"])));
     // The soft prompt is followed directly by the text, with no separator between.
     assert_eq!(
         segments,
         vec![image("aaa"), text("Question: what is this? Answer:")]
+    );
+}
+
+#[test]
+fn an_empty_template_is_the_default_one() {
+    let turns = vec![turn("what is this?", "a dog", &["aaa"])];
+    let current_images = shas(&["bbb"]);
+    assert_eq!(
+        build_segments(
+            &PromptTemplate::default(),
+            &turns,
+            ("and this?", &current_images)
+        ),
+        build_segments(&default_template(), &turns, ("and this?", &current_images)),
     );
 }
 
@@ -139,6 +149,10 @@ fn small_budget_drops_oldest_turns_never_the_current_image() {
     assert_eq!(
         turns_to_drop(&template, &turns, current, budget(35), &words).unwrap(),
         0
+    );
+    assert_eq!(
+        turns_to_drop(&template, &turns, current, budget(34), &words).unwrap(),
+        1
     );
     let drop = turns_to_drop(&template, &turns, current, budget(20), &words).unwrap();
     assert_eq!(drop, 2);

@@ -136,7 +136,12 @@ fn finish(
         .map_err(blip2_model::Error::from)?;
     shared.images_encoded.fetch_add(1, Ordering::Relaxed);
     shared.cache.insert(&job.sha256, soft_prompt.clone());
-    to_wire(&soft_prompt, job.dtype, &job.sha256, shared.model.fingerprint())
+    to_wire(
+        &soft_prompt,
+        job.dtype,
+        &job.sha256,
+        shared.model.fingerprint(),
+    )
 }
 
 fn answer_all(batch: Vec<Job>, error: Error) {
@@ -200,7 +205,8 @@ mod tests {
     }
 
     fn rows(soft_prompt: &SoftPrompt) -> Vec<f32> {
-        let tensor = blip2_common::soft_prompt::decode(soft_prompt, [8, 64], &candle_core::Device::Cpu);
+        let tensor =
+            blip2_common::soft_prompt::decode(soft_prompt, [8, 64], &candle_core::Device::Cpu);
         tensor.unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 

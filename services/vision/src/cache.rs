@@ -59,7 +59,9 @@ impl SoftPromptCache {
     fn state(&self) -> MutexGuard<'_, State> {
         // The state is consistent between statements, so a panic elsewhere cannot leave it half
         // updated: take it back from a poisoned lock.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The soft prompt of an image, marking it most recently used.
@@ -160,7 +162,10 @@ mod tests {
         let cache = SoftPromptCache::new(40);
         cache.insert("half", prompt(1.0).to_dtype(DType::F16).unwrap());
         assert_eq!(cache.bytes(), 16);
-        cache.insert("big", Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+        cache.insert(
+            "big",
+            Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
+        );
         assert!(cache.get("big").is_none());
         assert!(cache.get("half").is_some());
         // A zero budget caches nothing.

@@ -16,7 +16,9 @@ pub enum Error {
     #[error("image sha256 {sha256} is not cached on this replica; send the bytes")]
     NotCached { sha256: String },
     /// Every Encode slot is taken.
-    #[error("this vision replica is running {running} Encode calls already; retry later or elsewhere")]
+    #[error(
+        "this vision replica is running {running} Encode calls already; retry later or elsewhere"
+    )]
     Overloaded { running: usize },
     /// Decoding, preprocessing or the forward pass failed.
     #[error(transparent)]
@@ -106,7 +108,10 @@ mod tests {
     #[test]
     fn maps_to_the_status_a_client_acts_on() {
         let cases = [
-            (Error::InvalidArgument("`images` is empty".into()), Code::InvalidArgument),
+            (
+                Error::InvalidArgument("`images` is empty".into()),
+                Code::InvalidArgument,
+            ),
             (
                 Error::NotCached {
                     sha256: "ab".into(),

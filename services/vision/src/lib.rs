@@ -31,13 +31,15 @@ pub use service::VisionTier;
 pub struct VisionConfig {
     /// Budget of the soft-prompt cache in bytes (tensor data, in the model dtype).
     pub cache_bytes: usize,
-    /// Encode calls running at once; one more is refused with RESOURCE_EXHAUSTED at once.
+    /// Encode calls running at once; one more is refused with RESOURCE_EXHAUSTED at once (0
+    /// refuses every call).
     pub max_concurrency: usize,
     /// Images in one Encode call.
     pub max_images_per_request: usize,
     /// Encoded size of one image in bytes.
     pub max_image_bytes: usize,
-    /// Images run through the model in one forward pass, at most.
+    /// Images run through the model in one forward pass, at most (batches form from what is
+    /// queued; nothing waits for a batch to fill). Also how far one call prepares ahead.
     pub max_batch_size: usize,
 }
 

@@ -1,10 +1,10 @@
 //! `EncodeRequest` parsed into a validated type before any work is admitted.
 
+use crate::error::Error;
+use crate::VisionConfig;
 use blip2_common::soft_prompt::candle_dtype;
 use blip2_proto::v1::{image_input::Source, Dtype as WireDType, EncodeRequest};
 use candle_core::DType;
-use crate::error::Error;
-use crate::VisionConfig;
 
 /// One image of a validated request.
 pub enum ValidImage {

@@ -313,7 +313,9 @@ fn refuse(error: Error) -> Status {
 }
 
 /// Runs CPU work on the blocking pool, inside the caller's span.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
     let span = Span::current();
     Ok(tokio::task::spawn_blocking(move || span.in_scope(work)).await?)
 }

@@ -82,7 +82,10 @@ impl Harness {
         drop(self.channel);
         self.stop.send(()).unwrap();
         let served = tokio::time::timeout(Duration::from_secs(10), self.served).await;
-        served.expect("shuts down").unwrap().expect("served cleanly");
+        served
+            .expect("shuts down")
+            .unwrap()
+            .expect("served cleanly");
     }
 
     /// The responses of one Encode call, then the status that ended it (None: a clean end).
@@ -309,7 +312,10 @@ async fn refuses_bad_requests_and_keeps_serving() {
     assert_eq!(responses[0].index, 0);
     let status = status.unwrap();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().starts_with("`images[1]`: image: "), "{status:?}");
+    assert!(
+        status.message().starts_with("`images[1]`: image: "),
+        "{status:?}"
+    );
     assert!(status.message().len() > "`images[1]`: image: ".len());
 
     let (_, status) = h
@@ -377,7 +383,12 @@ async fn describes_the_checkpoint_and_reports_health() {
     let photo = fixture_image("photo.jpg");
     let _ = h.encode(request(vec![bytes(photo.clone())])).await;
     let _ = h.encode(request(vec![bytes(photo)])).await;
-    let info = h.client.info(VisionInfoRequest {}).await.unwrap().into_inner();
+    let info = h
+        .client
+        .info(VisionInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.checkpoint, "opt-a");
     assert_eq!(info.checkpoint_fingerprint, h.model.fingerprint());
     let config = h.model.config();
@@ -397,7 +408,11 @@ async fn describes_the_checkpoint_and_reports_health() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(response.status, ServingStatus::Serving as i32, "{service:?}");
+        assert_eq!(
+            response.status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
     h.shutdown().await;
 }

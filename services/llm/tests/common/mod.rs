@@ -3,9 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Result;
 use blip2_common::soft_prompt::{encode_2d, sha256_hex};
@@ -28,32 +29,51 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// The full opt-a model (vision included, to make soft prompts), loaded once per test binary.
-pub fn model() -> Arc<Blip2Model> {
-    static MODEL: OnceLock<Arc<Blip2Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = fixtures().join("models/opt-a");
-            Arc::new(Blip2Model::load(&dir, &LoadOptions::default()).expect("loading opt-a"))
+/// A fixture checkpoint (vision included, to make soft prompts), loaded once per test binary.
+pub fn load(name: &str) -> Arc<Blip2Model> {
+    static MODELS: OnceLock<Mutex<HashMap<String, Arc<Blip2Model>>>> = OnceLock::new();
+    let mut models = MODELS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("model cache");
+    models
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            let dir = fixtures().join("models").join(name);
+            Arc::new(Blip2Model::load(&dir, &LoadOptions::default()).expect("loading a fixture"))
         })
         .clone()
+}
+
+/// The opt-a checkpoint most tests serve.
+pub fn model() -> Arc<Blip2Model> {
+    load("opt-a")
 }
 
 pub fn image(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("images").join(name)).expect("reading a fixture image")
 }
 
-/// An image's soft prompt `[num_query_tokens, hidden]` (f32) and its sha256.
+/// An image's soft prompt `[num_query_tokens, hidden]` (f32) and its sha256, by opt-a.
 pub fn soft_prompt_of(name: &str) -> (Tensor, String) {
+    soft_prompt_by(&model(), name)
+}
+
+/// An image's soft prompt by `model`.
+pub fn soft_prompt_by(model: &Blip2Model, name: &str) -> (Tensor, String) {
     let bytes = image(name);
-    let encoding = model().encode_images(&[&bytes]).expect("encoding");
+    let encoding = model.encode_images(&[&bytes]).expect("encoding");
     let tensor = encoding.soft_prompt.get(0).expect("first image");
     (tensor, sha256_hex(&bytes))
 }
 
-/// A soft prompt on the wire in `dtype`, made by this checkpoint.
+/// A soft prompt on the wire in `dtype`, made by opt-a.
 pub fn wire(tensor: &Tensor, sha256: &str, dtype: DType) -> SoftPrompt {
-    encode_2d(tensor, dtype, sha256, model().fingerprint()).expect("encoding a soft prompt")
+    wire_by(&model(), tensor, sha256, dtype)
+}
+
+pub fn wire_by(model: &Blip2Model, tensor: &Tensor, sha256: &str, dtype: DType) -> SoftPrompt {
+    encode_2d(tensor, dtype, sha256, model.fingerprint()).expect("encoding a soft prompt")
 }
 
 pub struct Server {
@@ -63,9 +83,14 @@ pub struct Server {
     _stop: oneshot::Sender<()>,
 }
 
-/// Serves a tier on 127.0.0.1:0 until the returned value is dropped.
+/// Serves opt-a on 127.0.0.1:0 until the returned value is dropped.
 pub async fn start(config: LlmConfig) -> Result<Server> {
-    let tier = LlmTier::new(model(), "opt-a".into(), config);
+    start_with(model(), "opt-a", config).await
+}
+
+/// Serves `model` on 127.0.0.1:0 until the returned value is dropped.
+pub async fn start_with(model: Arc<Blip2Model>, name: &str, config: LlmConfig) -> Result<Server> {
+    let tier = LlmTier::new(model, name.into(), config);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -157,13 +182,22 @@ pub async fn collect(
     Ok(streamed)
 }
 
-/// Generates directly with the model crate on `text` and f32 soft prompts, as `blip2 generate`.
+/// Generates directly with opt-a on `text` and f32 soft prompts, as `blip2 generate`.
 pub fn direct(
     text: &str,
     soft_prompts: &[Tensor],
     params: &GenerationParams,
 ) -> (GenerationOutput, Vec<TokenEvent>, usize) {
-    let model = model();
+    direct_by(&model(), text, soft_prompts, params)
+}
+
+/// Generates directly with `model`; also returns the streamed events and prompt positions.
+pub fn direct_by(
+    model: &Blip2Model,
+    text: &str,
+    soft_prompts: &[Tensor],
+    params: &GenerationParams,
+) -> (GenerationOutput, Vec<TokenEvent>, usize) {
     let prompt = model
         .build_prompt(text, soft_prompts.len())
         .expect("building the prompt");
@@ -186,11 +220,15 @@ pub fn direct(
     (output, events, prompt.num_positions)
 }
 
-/// Greedy parameters as `blip2 generate` builds them.
+/// Greedy parameters as `blip2 generate` builds them for opt-a.
 pub fn greedy(max_new_tokens: usize) -> GenerationParams {
+    greedy_by(&model(), max_new_tokens)
+}
+
+pub fn greedy_by(model: &Blip2Model, max_new_tokens: usize) -> GenerationParams {
     GenerationParams {
         max_new_tokens,
-        eos_token_ids: model().generation_defaults().eos_token_ids.clone(),
+        eos_token_ids: model.generation_defaults().eos_token_ids.clone(),
         ..GenerationParams::default()
     }
 }
