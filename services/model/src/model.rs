@@ -152,6 +152,12 @@ fn read_generation_defaults(dir: &Path, config: &Blip2Config) -> Result<Generati
 impl Blip2Model {
     /// Loads a checkpoint directory in the Hugging Face layout.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if options.dtype == WeightDtype::Bf16 && options.device.is_cpu() {
+            // candle 0.11's CPU backend has no bf16 matmul: fail here, not on the first request.
+            return Err(Error::InvalidInput(
+                "`dtype` bf16 needs an accelerator: candle's CPU backend has no bf16 matmul; use f16 or f32 on CPU".into(),
+            ));
+        }
         let files = CheckpointFiles::locate(dir)?;
         let config = Blip2Config::from_file(&files.config)?;
         let store = Arc::new(WeightStore::open(&files.weights)?);
