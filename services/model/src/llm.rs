@@ -76,6 +76,18 @@ impl SeqCache {
     }
 }
 
+/// Rows `ids` of an embedding table `[vocab, hidden]`, refusing ids outside the vocabulary.
+pub(crate) fn embedding_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let vocab = table.dim(0)?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(crate::error::Error::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary ({vocab} entries)"
+        )));
+    }
+    let ids = Tensor::new(ids, table.device())?;
+    Ok(table.index_select(&ids, 0)?)
+}
+
 /// Token ids and sizes a decoding loop needs to know about a language model.
 #[derive(Debug, Clone)]
 pub struct LmInfo {

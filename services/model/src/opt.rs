@@ -278,14 +278,7 @@ impl LanguageModel for Opt {
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({} entries)",
-                self.info.vocab_size
-            )));
-        }
-        let ids = Tensor::new(ids, &self.device)?;
-        Ok(self.embed_tokens.index_select(&ids, 0)?)
+        crate::llm::embedding_rows(&self.embed_tokens, ids)
     }
 
     fn new_cache(&self) -> SeqCache {

@@ -491,14 +491,7 @@ impl LanguageModel for T5 {
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({} entries)",
-                self.info.vocab_size
-            )));
-        }
-        let ids = Tensor::new(ids, &self.device)?;
-        Ok(self.shared.index_select(&ids, 0)?)
+        crate::llm::embedding_rows(&self.shared, ids)
     }
 
     fn new_cache(&self) -> SeqCache {
