@@ -1,7 +1,8 @@
-//! `blip2 bench`: single-model throughput with zero-initialised weights at the shapes that
-//! matter ("base": ViT-B/14 at 224 px, the real Q-Former, OPT-125m; "opt-2.7b": the released
-//! blip2-opt-2.7b dims). Weight values do not change the arithmetic, so zeros measure the same
-//! work as real weights without a download.
+//! `blip2 bench`: single-model throughput with random weights at the shapes that matter
+//! ("base": ViT-B/14 at 224 px, the real Q-Former, OPT-125m; "opt-2.7b": the released
+//! blip2-opt-2.7b dims). Weight values do not change the arithmetic, so random weights measure
+//! the same work as real ones without a download. (Not zeros: an all-zero allocation maps the
+//! kernel's shared zero page, so decode would read no memory and look faster than it can be.)
 
 use std::time::Instant;
 
@@ -14,6 +15,31 @@ use blip2_model::vision::VisionModel;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
+
+/// Serves every requested tensor as small uniform random values.
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        _name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("bench weights have no stored shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        // No lm_head of its own: OPT ties it to embed_tokens, as the released checkpoints do.
+        false
+    }
+}
 
 /// A named shape to benchmark.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -74,11 +100,11 @@ pub struct BenchOptions {
 pub fn run(shape: Shape, options: &BenchOptions) -> Result<BenchResult> {
     let device = Device::Cpu;
     let config = shape.config()?;
-    let vb = VarBuilder::zeros(DType::F32, &device);
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
     let TextConfig::Opt(opt_config) = &config.text_config else {
         anyhow::bail!("bench shapes are OPT shapes");
     };
-    eprintln!("[{}] building zero-initialised weights", shape.name());
+    eprintln!("[{}] building random weights", shape.name());
     let vision = VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
     let qformer = QFormer::new(&config.qformer_config, config.num_query_tokens, vb.clone())?;
     let projection = candle_nn::linear(

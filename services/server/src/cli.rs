@@ -26,7 +26,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Encode one image and dump the intermediate tensors as safetensors.
     Encode(EncodeArgs),
-    /// Print single-model throughput (encode images/s, decode tokens/s) with zero weights.
+    /// Print single-model throughput (encode images/s, decode tokens/s) with random weights.
     Bench(BenchArgs),
     /// Serve a tier over gRPC (vision, llm, session), or all three in one process.
     #[command(subcommand)]
