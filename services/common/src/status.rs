@@ -12,7 +12,8 @@ pub fn model_error(error: &Error) -> Status {
         Error::Io { .. }
         | Error::Config { .. }
         | Error::Weight { .. }
-        | Error::Tokenizer { .. } => Status::failed_precondition(error.to_string()),
+        | Error::Tokenizer { .. }
+        | Error::Hub { .. } => Status::failed_precondition(error.to_string()),
     }
 }
 

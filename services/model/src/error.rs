@@ -32,6 +32,9 @@ pub enum Error {
     /// A request is not valid for this model (prompt, placeholders, parameters).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A checkpoint could not be fetched from the Hugging Face hub by repo id (feature `hub`).
+    #[error("cannot download {repo}: {message}")]
+    Hub { repo: String, message: String },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -47,6 +50,7 @@ impl Error {
             Error::Tokenizer { .. } => "tokenizer",
             Error::Image(_) => "image",
             Error::InvalidInput(_) => "invalid_input",
+            Error::Hub { .. } => "hub",
             Error::Candle(_) => "tensor",
         }
     }

@@ -16,11 +16,16 @@
 //! - [`generation`]: greedy, beam search, sampling, stop sequences, incremental detokenisation.
 //! - [`model`]: [`model::Blip2Model`], the whole pipeline from image to text.
 //! - [`error`]: the crate's error type.
+//! - [`repo_id`]: telling a Hugging Face repo id from a checkpoint path.
+//! - `hub` (cargo feature `hub`): checkpoints by Hugging Face repo id, downloaded into the HF
+//!   cache.
 
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generation;
+#[cfg(feature = "hub")]
+pub mod hub;
 mod jpeg;
 pub mod llm;
 pub mod model;
@@ -28,6 +33,7 @@ pub mod opt;
 pub mod processor;
 pub mod prompt;
 pub mod qformer;
+pub mod repo_id;
 pub mod t5;
 pub mod vision;
 

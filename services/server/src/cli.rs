@@ -35,7 +35,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Checkpoint directory in the Hugging Face layout; without it, the small checkpoint
+    /// Checkpoint directory in the Hugging Face layout, or a Hugging Face repo id (owner/name,
+    /// fetched into the HF cache; needs the `hub` feature); without it, the small checkpoint
     /// embedded in the binary (random weights, for trying the system out).
     #[arg(long, env = "BLIP2_MODEL")]
     model: Option<PathBuf>,
@@ -51,10 +52,7 @@ impl ModelArgs {
             dtype,
             ..LoadOptions::default()
         };
-        let dir = match &self.model {
-            Some(dir) => dir.clone(),
-            None => crate::default_model::path()?,
-        };
+        let dir = crate::default_model::resolve_model_dir(self.model.as_deref())?;
         Blip2Model::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))
     }
 }

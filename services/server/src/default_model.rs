@@ -1,10 +1,40 @@
-//! The embedded default checkpoint: the small random OPT checkpoint committed under
-//! `tests/fixtures/models/opt-a`, compiled into the binary so that `blip2` works on a fresh
-//! machine with no `--model`. It is written out to a cache directory on first use.
+//! Where `--model` points: a checkpoint directory, a Hugging Face repo id (feature `hub`), or,
+//! with no `--model`, the embedded default checkpoint: the small random OPT checkpoint committed
+//! under `tests/fixtures/models/opt-a`, compiled into the binary so that `blip2` works on a fresh
+//! machine. It is written out to a cache directory on first use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+
+/// The checkpoint directory for `--model`: none is the embedded default; an existing directory
+/// is itself; `owner/name` that is no existing path is a Hugging Face repo id, found in the HF
+/// cache or downloaded into it (feature `hub`). Anything else is left to the loader, which
+/// names the file it misses.
+pub fn resolve_model_dir(model: Option<&Path>) -> Result<PathBuf> {
+    let Some(model) = model else {
+        return path();
+    };
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    match model.to_str() {
+        Some(id) if blip2_model::repo_id::looks_like_repo_id(id) => from_hub(id),
+        _ => Ok(model.to_path_buf()),
+    }
+}
+
+#[cfg(feature = "hub")]
+fn from_hub(repo_id: &str) -> Result<PathBuf> {
+    blip2_model::hub::download(repo_id, None).with_context(|| {
+        format!("--model {repo_id} is not a directory; fetching it as a Hugging Face repo id")
+    })
+}
+
+#[cfg(not(feature = "hub"))]
+fn from_hub(repo_id: &str) -> Result<PathBuf> {
+    anyhow::bail!("{repo_id} is not a directory (download by repo id needs the `hub` feature)")
+}
 
 macro_rules! embedded {
     ($($name:literal),* $(,)?) => {

@@ -5,7 +5,7 @@
 //! reflection, and stops on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -28,7 +28,8 @@ pub enum Tier {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelFlags {
-    /// Checkpoint directory; without it, the small checkpoint embedded in the binary.
+    /// Checkpoint directory, or a Hugging Face repo id (owner/name; needs the `hub` feature);
+    /// without it, the small checkpoint embedded in the binary.
     #[arg(long, env = "BLIP2_MODEL")]
     pub model: Option<PathBuf>,
     /// Weight precision (the Q-Former stays f32).
@@ -38,21 +39,22 @@ pub struct ModelFlags {
 
 impl ModelFlags {
     fn dir(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(dir) => Ok(dir.clone()),
-            None => crate::default_model::path(),
-        }
+        crate::default_model::resolve_model_dir(self.model.as_deref())
     }
 
     fn load(&self, components: Components) -> Result<(Arc<Blip2Model>, String)> {
-        let dir = self.dir()?;
+        self.load_from(&self.dir()?, components)
+    }
+
+    /// Loads from `dir`, the directory [`ModelFlags::dir`] resolved.
+    fn load_from(&self, dir: &Path, components: Components) -> Result<(Arc<Blip2Model>, String)> {
         let dtype: WeightDtype = self.dtype.parse()?;
         let options = LoadOptions {
             dtype,
             components,
             ..LoadOptions::default()
         };
-        let model = Blip2Model::load(&dir, &options)
+        let model = Blip2Model::load(dir, &options)
             .with_context(|| format!("loading {}", dir.display()))?;
         let name = self
             .model
@@ -231,8 +233,10 @@ async fn serve(tier: Tier) -> Result<()> {
             blip2_session::serve(tier, listener, shutdown()).await?;
         }
         Tier::All(args) => {
-            // One model instance serves the vision and LLM tiers of this process.
-            let (model, name) = args.model.load(Components::default())?;
+            // One model instance serves the vision and LLM tiers of this process; the checkpoint
+            // is resolved (and downloaded, for a repo id) once.
+            let model_dir = args.model.dir()?;
+            let (model, name) = args.model.load_from(&model_dir, Components::default())?;
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
             let vision_listener = bind("vision", loopback).await?;
             let llm_listener = bind("llm", loopback).await?;
@@ -261,7 +265,7 @@ async fn serve(tier: Tier) -> Result<()> {
             let session = session_tier(
                 vec![format!("http://{vision_addr}")],
                 vec![format!("http://{llm_addr}")],
-                args.model.dir()?,
+                model_dir,
                 blip2_proto::v1::Dtype::F32,
             )?;
             let session_listener = bind("session", args.listen).await?;

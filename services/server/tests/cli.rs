@@ -172,3 +172,72 @@ fn bad_input_is_a_clear_error_not_a_crash() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-checkpoint"));
     std::fs::remove_file(empty).ok();
 }
+
+/// `blip2` with the Hugging Face environment aimed at a temporary HF_HOME and a closed local
+/// port: no test ever reaches the real hub.
+fn blip2_offline_hub(hf_home: &Path) -> Command {
+    let mut cmd = blip2();
+    cmd.env("HF_HOME", hf_home)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .env_remove("BLIP2_MODEL");
+    cmd
+}
+
+#[test]
+fn model_by_repo_id() {
+    let hf_home = std::env::temp_dir().join(format!("blip2-cli-hf-home-{}", std::process::id()));
+    std::fs::remove_dir_all(&hf_home).ok();
+    std::fs::create_dir_all(&hf_home).unwrap();
+
+    // Not in the cache, and the hub unreachable (or the feature off): one clear error line.
+    let out = blip2_offline_hub(&hf_home)
+        .args(["generate", "--model", "blip2-test/not-cached", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "hub") {
+        assert!(
+            stderr.contains("cannot download blip2-test/not-cached")
+                && stderr.contains("no network?"),
+            "{stderr}"
+        );
+    } else {
+        assert!(
+            stderr.contains(
+                "blip2-test/not-cached is not a directory (download by repo id needs the `hub` feature)"
+            ),
+            "{stderr}"
+        );
+    }
+
+    // In the HF cache (as huggingface_hub lays it out): found with no network at all.
+    let commit = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
+    let repo_dir = hf_home.join("hub").join("models--blip2-test--opt-a");
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("models/opt-a")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs").join("main"), commit).unwrap();
+    let out = blip2_offline_hub(&hf_home)
+        .args(["generate", "--model", "blip2-test/opt-a", "--image"])
+        .arg(fixtures().join("images/photo.jpg"))
+        .args(["--max-new-tokens", "3", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "hub") {
+        assert!(out.status.success(), "{stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(json.is_object(), "{json}");
+    } else {
+        assert!(stderr.contains("needs the `hub` feature"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&hf_home).ok();
+}
