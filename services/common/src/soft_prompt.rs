@@ -45,27 +45,27 @@ pub fn candle_dtype(dtype: WireDType) -> Option<DType> {
     }
 }
 
-/// Encodes a 2-D tensor as a soft prompt in `dtype`.
-pub fn encode(
+/// Encodes a soft prompt `[num_query_tokens, hidden]` in `dtype` for the wire.
+pub fn encode_2d(
     tensor: &Tensor,
     dtype: DType,
     image_sha256: &str,
     checkpoint_fingerprint: &str,
 ) -> Result<SoftPrompt, SoftPromptError> {
-    let tensor = tensor.to_dtype(dtype)?.flatten_all()?;
-    let shape = tensor_shape(&tensor)?;
+    let (q, h) = tensor.dims2()?;
+    let flat = tensor.to_dtype(dtype)?.flatten_all()?;
     let data: Vec<u8> = match dtype {
-        DType::F16 => tensor
+        DType::F16 => flat
             .to_vec1::<half::f16>()?
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
-        DType::BF16 => tensor
+        DType::BF16 => flat
             .to_vec1::<half::bf16>()?
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
-        _ => tensor
+        _ => flat
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?
             .iter()
@@ -75,27 +75,10 @@ pub fn encode(
     Ok(SoftPrompt {
         data,
         dtype: wire_dtype(dtype) as i32,
-        shape,
+        shape: vec![q as u32, h as u32],
         image_sha256: image_sha256.to_string(),
         checkpoint_fingerprint: checkpoint_fingerprint.to_string(),
     })
-}
-
-fn tensor_shape(flat: &Tensor) -> Result<Vec<u32>, SoftPromptError> {
-    Ok(vec![flat.elem_count() as u32])
-}
-
-/// Encodes `tensor` (`[q, h]`) keeping its 2-D shape on the wire.
-pub fn encode_2d(
-    tensor: &Tensor,
-    dtype: DType,
-    image_sha256: &str,
-    checkpoint_fingerprint: &str,
-) -> Result<SoftPrompt, SoftPromptError> {
-    let (q, h) = tensor.dims2()?;
-    let mut prompt = encode(tensor, dtype, image_sha256, checkpoint_fingerprint)?;
-    prompt.shape = vec![q as u32, h as u32];
-    Ok(prompt)
 }
 
 /// Decodes a soft prompt into a tensor of its wire dtype, checking size and expected shape.

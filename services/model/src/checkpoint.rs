@@ -181,12 +181,6 @@ impl WeightStore {
         self.routing.contains_key(name)
     }
 
-    /// Shape and dtype of a stored tensor.
-    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        let index = *self.routing.get(name)?;
-        self.mmaps[index].get(name).ok().map(|v| v.shape().to_vec())
-    }
-
     fn describe_files(&self) -> PathBuf {
         match self.files.as_slice() {
             [one] => one.clone(),

@@ -7,10 +7,12 @@ use blip2_model::checkpoint::WeightDtype;
 use blip2_model::model::{Blip2Model, LoadOptions};
 use candle_core::Device;
 
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
+mod common;
+use common::{fixtures, max_abs, max_abs_diff};
+
 fn fixture_model(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
+    fixtures().join("models").join(name)
 }
 
 /// A writable copy of a fixture checkpoint.
@@ -102,10 +104,7 @@ fn tokenizer_without_the_image_token_is_refused() {
 #[test]
 fn half_precision_loads_and_stays_close_to_f32() {
     let dir = fixture_model("opt-a");
-    let image = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images/wide.png"),
-    )
-    .unwrap();
+    let image = std::fs::read(fixtures().join("images/wide.png")).unwrap();
     let f32_model = Blip2Model::load(&dir, &LoadOptions::default()).unwrap();
     let reference = f32_model
         .encode_images(&[image.as_slice()])
@@ -138,25 +137,8 @@ fn half_precision_loads_and_stays_close_to_f32() {
             .soft_prompt
             .to_dtype(candle_core::DType::F32)
             .unwrap();
-        let diff = (soft - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = reference
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&soft, &reference);
+        let scale = max_abs(&reference);
         eprintln!("{dtype:?}: soft prompt max abs diff {diff} (values up to {scale})");
         assert!(diff <= tolerance * scale.max(1.0), "{dtype:?}: {diff}");
         // And the language model generates in that dtype.

@@ -9,12 +9,15 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 
 use blip2_model::generation::{self, EarlyStopping, GenerationParams};
 use blip2_model::model::{Blip2Model, LoadOptions};
 use candle_core::{Device, IndexOp, Tensor};
 use serde::Deserialize;
+
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
+mod common;
+use common::{fixtures, max_abs_diff};
 
 const TOLERANCE: f32 = 1e-4;
 const PIXEL_TOLERANCE: f32 = 0.015;
@@ -49,10 +52,6 @@ struct Case {
     eos_token_id: u32,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn load(name: &str) -> Blip2Model {
     Blip2Model::load(
         &fixtures().join("models").join(name),
@@ -70,22 +69,6 @@ fn cases(name: &str) -> Vec<Case> {
 fn goldens(name: &str, file: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join("goldens").join(name).join(file);
     candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{path:?}: {e}"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(candle_core::DType::F32).unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tolerance: f32) {
