@@ -10,6 +10,7 @@
 //! - [`processor`]: image decoding under limits, Pillow-equal bicubic resize, normalisation.
 //! - [`vision`]: `Blip2VisionModel` (ViT).
 //! - [`qformer`]: `Blip2QFormerModel` and the query tokens.
+//! - [`linear`]: every projection (`x Wᵀ + b`), one seam for the matrix kernels.
 //! - [`llm`]: the [`llm::LanguageModel`] trait and the explicit per-sequence KV cache.
 //! - [`opt`], [`t5`]: the language models, driven by input embeddings.
 //! - [`prompt`]: tokenisation and image placeholder expansion.
@@ -27,6 +28,7 @@ pub mod generation;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod jpeg;
+pub mod linear;
 pub mod llm;
 pub mod model;
 pub mod opt;

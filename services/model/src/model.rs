@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::linear::Linear;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Linear;
 
 use crate::checkpoint::{CheckpointFiles, WeightDtype, WeightStore};
 use crate::config::{Blip2Config, TextConfig};
@@ -167,7 +167,7 @@ impl Blip2Model {
             Error::Candle(e) => store.explain(e),
             other => other,
         };
-        let language_projection = candle_nn::linear(
+        let language_projection = crate::linear::linear(
             config.qformer_config.hidden_size,
             config.text_config.hidden_size(),
             root.pp("language_projection"),

@@ -8,7 +8,9 @@
 //! differs from `hidden_size`, and an `lm_head` tied to `embed_tokens` when the file has none.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::linear::Linear;
 
 use crate::config::{Activation, OptConfig};
 use crate::error::{Error, Result};
@@ -42,7 +44,7 @@ struct Attention {
 impl Attention {
     fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
-        let linear = |name| candle_nn::linear_b(h, h, cfg.enable_bias, vb.pp(name));
+        let linear = |name| crate::linear::linear_b(h, h, cfg.enable_bias, vb.pp(name));
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
             q_proj: linear("q_proj")?,
@@ -126,8 +128,8 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             self_attn_layer_norm: layer_norm(cfg, h, vb.pp("self_attn_layer_norm"))?,
-            fc1: candle_nn::linear_b(h, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"))?,
-            fc2: candle_nn::linear_b(cfg.ffn_dim, h, cfg.enable_bias, vb.pp("fc2"))?,
+            fc1: crate::linear::linear_b(h, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"))?,
+            fc2: crate::linear::linear_b(cfg.ffn_dim, h, cfg.enable_bias, vb.pp("fc2"))?,
             final_layer_norm: layer_norm(cfg, h, vb.pp("final_layer_norm"))?,
             act: cfg.activation_function,
             pre_norm: cfg.do_layer_norm_before,
@@ -195,12 +197,12 @@ impl Opt {
         )?;
         let (project_in, project_out) = if proj_dim != cfg.hidden_size {
             (
-                Some(candle_nn::linear_no_bias(
+                Some(crate::linear::linear_no_bias(
                     proj_dim,
                     cfg.hidden_size,
                     decoder.pp("project_in"),
                 )?),
-                Some(candle_nn::linear_no_bias(
+                Some(crate::linear::linear_no_bias(
                     cfg.hidden_size,
                     proj_dim,
                     decoder.pp("project_out"),

@@ -9,7 +9,9 @@
 //! as the reference keeps it (`_keep_in_fp32_modules`).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::linear::Linear;
 
 use crate::config::{Activation, QFormerConfig};
 use crate::vision::eager_attention;
@@ -35,9 +37,9 @@ impl MultiHeadAttention {
             h
         };
         Ok(Self {
-            query: candle_nn::linear(h, h, vb.pp("query"))?,
-            key: candle_nn::linear(kv_in, h, vb.pp("key"))?,
-            value: candle_nn::linear(kv_in, h, vb.pp("value"))?,
+            query: crate::linear::linear(h, h, vb.pp("query"))?,
+            key: crate::linear::linear(kv_in, h, vb.pp("key"))?,
+            value: crate::linear::linear(kv_in, h, vb.pp("value"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -71,7 +73,7 @@ struct Output {
 impl Output {
     fn new(cfg: &QFormerConfig, in_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            dense: candle_nn::linear(in_dim, cfg.hidden_size, vb.pp("dense"))?,
+            dense: crate::linear::linear(in_dim, cfg.hidden_size, vb.pp("dense"))?,
             layer_norm: candle_nn::layer_norm(
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
@@ -124,7 +126,7 @@ impl FeedForward {
         output: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            intermediate: candle_nn::linear(
+            intermediate: crate::linear::linear(
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 intermediate.pp("dense"),

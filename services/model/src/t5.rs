@@ -11,7 +11,9 @@
 //! first FFN on, and `T5Block`'s clamp of float16 hidden states is ported.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::linear::Linear;
 
 use crate::config::{Activation, T5Config};
 use crate::error::{Error, Result};
@@ -132,11 +134,14 @@ impl DenseReluDense {
         let (d_model, d_ff) = (cfg.d_model, cfg.d_ff);
         let (wi_0, wi_1) = if cfg.is_gated_act() {
             (
-                candle_nn::linear_no_bias(d_model, d_ff, vb.pp("wi_0"))?,
-                Some(candle_nn::linear_no_bias(d_model, d_ff, vb.pp("wi_1"))?),
+                crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi_0"))?,
+                Some(crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi_1"))?),
             )
         } else {
-            (candle_nn::linear_no_bias(d_model, d_ff, vb.pp("wi"))?, None)
+            (
+                crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi"))?,
+                None,
+            )
         };
         // `_keep_in_fp32_modules = ["wo"]`: from_pretrained keeps `wo` in f32 for float16 only.
         let wo_vb = if vb.dtype() == DType::F16 {
@@ -147,7 +152,7 @@ impl DenseReluDense {
         Ok(Self {
             wi_0,
             wi_1,
-            wo: candle_nn::linear_no_bias(d_ff, d_model, wo_vb)?,
+            wo: crate::linear::linear_no_bias(d_ff, d_model, wo_vb)?,
             act: cfg.activation()?,
         })
     }
@@ -176,10 +181,10 @@ impl T5Attention {
     fn new(cfg: &T5Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: crate::linear::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             n_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })

@@ -6,7 +6,9 @@
 //! and `post_layernorm` over all tokens (that output is what the Q-Former cross-attends to).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+
+use crate::linear::Linear;
 
 use crate::config::{Activation, VisionConfig};
 
@@ -101,7 +103,7 @@ impl Attention {
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
             qkv: Linear::new(weight, bias),
-            projection: candle_nn::linear(h, h, vb.pp("projection"))?,
+            projection: crate::linear::linear(h, h, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -133,8 +135,8 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: crate::linear::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: crate::linear::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             act: cfg.hidden_act,
         })
     }

@@ -107,7 +107,7 @@ pub fn run(shape: Shape, options: &BenchOptions) -> Result<BenchResult> {
     eprintln!("[{}] building random weights", shape.name());
     let vision = VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
     let qformer = QFormer::new(&config.qformer_config, config.num_query_tokens, vb.clone())?;
-    let projection = candle_nn::linear(
+    let projection = blip2_model::linear::linear(
         config.qformer_config.hidden_size,
         opt_config.hidden_size,
         vb.pp("language_projection"),
