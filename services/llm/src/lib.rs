@@ -4,34 +4,34 @@
 //! placeholders, then one soft prompt per placeholder (from the vision tier, possibly via the
 //! session tier), and streams the generated tokens back; `Info` describes the checkpoint.
 //!
-//! Each running request generates on the blocking pool with
-//! [`blip2_model::generation::generate`], so the tier gives exactly the tokens `blip2 generate`
-//! gives for the same assembled prompt. Admission is two semaphores: one bounds the calls in
-//! flight (running + waiting, RESOURCE_EXHAUSTED beyond), one the generations running at once
-//! (and so the blocking threads the tier occupies).
-//!
-//! Not yet the design's scheduler thread with continuous batching: each running request has its
-//! own decode loop. The model crate already has the blocks for that scheduler
-//! (`SequenceDecoder` per sequence, ragged `LanguageModel::step` over many caches); it would
-//! replace `worker` without changing the protocol, admission or cancellation here.
+//! A scheduler thread owns the language model and runs continuous batching: every step is one
+//! ragged forward over all running sequences (decode steps and chunks of newcomers' prompts),
+//! so a request joins at the next step and leaves as soon as it ends; a prefix cache keeps the
+//! KV of earlier prompts so a conversation's next turn computes only its new positions.
+//! Admission is a semaphore over calls in flight (running + waiting, RESOURCE_EXHAUSTED beyond);
+//! the scheduler runs at most `max_concurrency` sequences at once (a beam search takes
+//! `num_beams`) and the rest wait in order.
 //!
 //! # Layout
 //! - [`prompt`]: segments -> the prompt text to tokenise ([`prompt_text`]) and placeholders.
 //! - [`params`]: proto parameters -> validated decoding parameters ([`generation_params`]).
 //! - `setup`: the first phase of a call: `setup` and the soft prompts, checked.
-//! - `worker`: generation on the blocking pool, tokens into the response channel.
+//! - `scheduler`: the continuous-batching thread; `prefix`: the prefix cache.
+//! - `messages`: the scheduler's events as response messages.
 //! - `service`: the `LlmService` implementation, admission, cancellation.
 //! - [`error`]: the tier's error type and its mapping to `tonic::Status`.
 
 pub mod error;
+mod messages;
 pub mod params;
+mod prefix;
 pub mod prompt;
+mod scheduler;
 mod service;
 mod setup;
-mod worker;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,15 +45,21 @@ use tokio_stream::StreamExt;
 pub use error::Error;
 pub use params::generation_params;
 pub use prompt::prompt_text;
+use scheduler::{Scheduler, SchedulerConfig};
 
 /// Limits of an LLM tier.
 #[derive(Debug, Clone)]
 pub struct LlmConfig {
-    /// Generations running at once (at least 1).
+    /// Sequences in the running batch (at least 1; a beam search takes `num_beams`).
     pub max_concurrency: usize,
     /// Calls waiting (receiving their input or waiting for a running slot); beyond them a call
     /// is refused with RESOURCE_EXHAUSTED at once.
     pub max_queue: usize,
+    /// Prompt positions read per batched step (chunked prefill): bounds how long one newcomer's
+    /// prompt holds up the running streams.
+    pub prefill_chunk: usize,
+    /// Bytes of prompt KV kept for reuse by later prompts with the same beginning (0: off).
+    pub prefix_cache_bytes: usize,
     /// Largest `max_new_tokens` a request may ask for.
     pub max_new_tokens_limit: usize,
     /// Time for a call to send `setup` and all its soft prompts (DEADLINE_EXCEEDED beyond).
@@ -63,8 +69,10 @@ pub struct LlmConfig {
 impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig {
-            max_concurrency: 4,
-            max_queue: 16,
+            max_concurrency: 16,
+            max_queue: 64,
+            prefill_chunk: 128,
+            prefix_cache_bytes: 1 << 30,
             max_new_tokens_limit: 512,
             setup_timeout: Duration::from_secs(30),
         }
@@ -88,43 +96,58 @@ pub(crate) struct Inner {
     pub config: LlmConfig,
     /// Calls in flight: running + waiting.
     pub admission: Arc<Semaphore>,
-    /// Generations running.
-    pub slots: Arc<Semaphore>,
-    pub running: AtomicU32,
-    pub completed: AtomicU64,
+    pub scheduler: Scheduler,
 }
 
 impl LlmTier {
     /// A tier serving `model` (which must include its language model), named `checkpoint` in
     /// `Info`.
-    pub fn new(model: Arc<Blip2Model>, checkpoint: String, config: LlmConfig) -> Self {
+    ///
+    /// Fails only when the scheduler thread cannot be spawned.
+    pub fn new(
+        model: Arc<Blip2Model>,
+        checkpoint: String,
+        config: LlmConfig,
+    ) -> std::io::Result<Self> {
         let config = LlmConfig {
             max_concurrency: config.max_concurrency.max(1),
+            prefill_chunk: config.prefill_chunk.max(1),
             ..config
         };
         let in_flight = config.max_concurrency.saturating_add(config.max_queue);
+        let scheduler = Scheduler::start(
+            model.clone(),
+            SchedulerConfig {
+                max_sequences: config.max_concurrency,
+                prefill_chunk: config.prefill_chunk,
+                prefix_cache_bytes: config.prefix_cache_bytes,
+            },
+        )?;
         let inner = Inner {
             model,
             checkpoint,
             admission: Arc::new(Semaphore::new(in_flight.min(Semaphore::MAX_PERMITS))),
-            slots: Arc::new(Semaphore::new(config.max_concurrency)),
             config,
-            running: AtomicU32::new(0),
-            completed: AtomicU64::new(0),
+            scheduler,
         };
-        LlmTier {
+        Ok(LlmTier {
             inner: Arc::new(inner),
-        }
+        })
     }
 
-    /// Generations running now.
+    /// Generations in the running batch now.
     pub fn running(&self) -> u32 {
-        self.inner.running.load(Ordering::Relaxed)
+        self.inner.scheduler.stats.running.load(Ordering::SeqCst)
+    }
+
+    /// The most rows (decoding sequences + prompt chunks) one batched step has run since start.
+    pub fn largest_step(&self) -> u32 {
+        self.inner.scheduler.stats.largest_step.load(Ordering::SeqCst)
     }
 
     /// Generations finished since start, for any reason (cancelled and failed ones included).
     pub fn completed(&self) -> u64 {
-        self.inner.completed.load(Ordering::Relaxed)
+        self.inner.scheduler.stats.completed.load(Ordering::SeqCst)
     }
 
     /// The gRPC service, accepting messages as large as one f32 soft prompt of this checkpoint.

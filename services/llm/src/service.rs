@@ -14,33 +14,17 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::Error;
+use crate::messages::{finish_message, token_message};
+use crate::scheduler::{Event, Job};
 use crate::setup::{self, language_model};
-use crate::worker::{self, Output, TokenSink};
 use crate::{Inner, LlmTier};
 
-/// Tokens buffered per call before the generation waits for the client.
+/// Tokens buffered per call before its forwarding task waits for the client (the scheduler
+/// never waits: it sends on an unbounded channel).
 const OUTPUT_BUFFER: usize = 32;
 
-/// A running generation: counted while it lives, holding its slot.
-struct Running {
-    tier: Arc<Inner>,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Running {
-    fn start(tier: Arc<Inner>, slot: OwnedSemaphorePermit) -> Self {
-        tier.running.fetch_add(1, Ordering::Relaxed);
-        Running { tier, _slot: slot }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // Completed first: whoever sees `running` drop sees the generation counted.
-        self.tier.completed.fetch_add(1, Ordering::SeqCst);
-        self.tier.running.fetch_sub(1, Ordering::SeqCst);
-    }
-}
+/// The response channel of one Generate call.
+type Output = mpsc::Sender<Result<GenerateOutput, Status>>;
 
 fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -76,6 +60,7 @@ impl LlmService for LlmTier {
         let model = &self.inner.model;
         let lm = language_model(model)?;
         let config = model.config();
+        let prefix = self.inner.scheduler.stats.prefix();
         Ok(Response::new(LlmInfo {
             checkpoint: self.inner.checkpoint.clone(),
             checkpoint_fingerprint: model.fingerprint().to_string(),
@@ -86,6 +71,17 @@ impl LlmService for LlmTier {
             dtype: wire_dtype(model.llm_dtype()) as i32,
             running: self.running(),
             completed: self.completed(),
+            queued: self.inner.scheduler.stats.queued.load(Ordering::Relaxed),
+            running_sequences: self
+                .inner
+                .scheduler
+                .stats
+                .running_sequences
+                .load(Ordering::Relaxed),
+            prefix_cache_hits: prefix.hits,
+            prefix_cache_misses: prefix.misses,
+            prefix_cache_tokens: prefix.tokens,
+            prefix_cache_bytes: prefix.bytes,
         }))
     }
 }
@@ -124,45 +120,45 @@ async fn run_call(
                 seconds: timeout.as_secs_f64(),
             })??;
 
-    let slot = tokio::select! {
-        slot = tier.slots.clone().acquire_owned() => {
-            slot.map_err(|_| Error::Worker("the running slots were closed".into()))?
-        }
-        () = output.closed() => {
-            tracing::debug!("client left while waiting for a running slot");
-            return Ok(());
-        }
-    };
     let cancel = Arc::new(AtomicBool::new(false));
-    let sink = TokenSink {
-        output: output.clone(),
+    let logprobs = request.logprobs;
+    let (events, mut receiver) = mpsc::unbounded_channel();
+    tier.scheduler.submit(Job {
+        request,
+        events,
         cancel: cancel.clone(),
-        logprobs: request.logprobs,
-    };
-    let running = Running::start(tier.clone(), slot);
-    let model = tier.model.clone();
-    let span = tracing::Span::current();
-    let mut job = tokio::task::spawn_blocking(move || {
-        let _span = span.enter();
-        // Dropped when generation stops: the count, the slot and the KV cache go together.
-        let _running = running;
-        worker::run(&model, &request, &sink)
-    });
+        span: tracing::Span::current(),
+    })?;
 
     // While the model runs, the input must stay silent: a further message breaks the protocol,
-    // a failed input means the client is gone. Either cancels the generation at its next token.
+    // a failed input means the client is gone. Either cancels the generation at its next step,
+    // as does a client that stops reading the response.
     let mut inbound_open = true;
-    let mut protocol_error = None;
-    let joined = loop {
+    loop {
         tokio::select! {
-            joined = &mut job => break joined,
+            event = receiver.recv() => match event {
+                Some(Event::Token(token)) => {
+                    if output.send(Ok(token_message(token, logprobs))).await.is_err() {
+                        cancel.store(true, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                }
+                Some(Event::Finished { output: generation, cached_prompt_tokens }) => {
+                    if let Some(finish) = finish_message(&generation, cached_prompt_tokens) {
+                        let _ = output.send(Ok(finish)).await;
+                    }
+                    return Ok(());
+                }
+                Some(Event::Failed(error)) => return Err(error),
+                None => return Err(Error::Worker("the scheduler dropped the request".into())),
+            },
             message = inbound.next(), if inbound_open => {
                 inbound_open = false;
                 match message {
                     None => {}
                     Some(Ok(_)) => {
                         cancel.store(true, Ordering::Relaxed);
-                        protocol_error = Some(Error::invalid(
+                        return Err(Error::invalid(
                             "the input continued after `setup` and one soft prompt per image \
                              placeholder: too many soft prompts, or a second `setup`",
                         ));
@@ -170,23 +166,15 @@ async fn run_call(
                     Some(Err(status)) => {
                         tracing::debug!(%status, "client input failed; cancelling");
                         cancel.store(true, Ordering::Relaxed);
+                        return Ok(());
                     }
                 }
             }
+            () = output.closed() => {
+                tracing::debug!("client left; cancelling");
+                cancel.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
         }
-    };
-    if let Some(error) = protocol_error {
-        return Err(error);
     }
-    let generation = joined.map_err(|e| Error::Worker(e.to_string()))??;
-    tracing::debug!(
-        reason = generation.finish_reason.as_str(),
-        prompt_tokens = generation.prompt_tokens,
-        generated_tokens = generation.token_ids.len(),
-        "generation ended"
-    );
-    if let Some(finish) = worker::finish_message(&generation) {
-        let _ = output.send(Ok(finish)).await;
-    }
-    Ok(())
 }

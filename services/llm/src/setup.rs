@@ -23,6 +23,9 @@ pub(crate) struct ValidRequest {
     pub prompt: Prompt,
     /// Per image, in placeholder order: `[num_query_tokens, hidden]` in the wire dtype, on the CPU.
     pub soft_prompts: Vec<Tensor>,
+    /// Per image: content hash of the soft prompt as received (dtype and bytes), the prefix
+    /// cache's key for its positions.
+    pub image_digests: Vec<[u8; 32]>,
     pub params: GenerationParams,
     pub logprobs: bool,
 }
@@ -93,6 +96,7 @@ where
         model.config().text_config.hidden_size(),
     ];
     let mut soft_prompts = Vec::with_capacity(num_images);
+    let mut image_digests = Vec::with_capacity(num_images);
     for (index, expected_sha256) in spec.placeholders.iter().enumerate() {
         let soft_prompt = match inbound.next().await {
             None => {
@@ -123,11 +127,16 @@ where
             model.fingerprint(),
             expected_shape,
         )?;
+        image_digests.push(crate::prefix::soft_prompt_digest(
+            tensor.dtype().as_str(),
+            &soft_prompt.data,
+        ));
         soft_prompts.push(tensor);
     }
     Ok(ValidRequest {
         prompt,
         soft_prompts,
+        image_digests,
         params,
         logprobs,
     })

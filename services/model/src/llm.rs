@@ -63,6 +63,40 @@ impl SeqCache {
         Ok((k, v))
     }
 
+    /// The first `len` decoder positions of this cache (views, no copy): how a prefix cache
+    /// hands a shorter shared beginning to a new sequence. Decoder-only caches only: an
+    /// encoder-decoder cache's cross-attention KV belongs to one whole encoder input.
+    pub fn truncated(&self, len: usize) -> Result<SeqCache> {
+        if len > self.len || !self.cross_kv.is_empty() {
+            return Err(crate::Error::InvalidInput(format!(
+                "cannot cut a cache of {} positions{} to {len}",
+                self.len,
+                if self.cross_kv.is_empty() {
+                    ""
+                } else {
+                    " with cross-attention"
+                }
+            )));
+        }
+        let self_kv = self
+            .self_kv
+            .iter()
+            .map(|kv| match kv {
+                Some(kv) if len > 0 => Ok(Some(LayerKv {
+                    k: kv.k.narrow(1, 0, len)?,
+                    v: kv.v.narrow(1, 0, len)?,
+                })),
+                _ => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(SeqCache {
+            self_kv,
+            cross_kv: Vec::new(),
+            len,
+            encoder_len: 0,
+        })
+    }
+
     /// Bytes held by this cache's tensors.
     pub fn size_in_bytes(&self) -> usize {
         let layer_bytes =

@@ -85,12 +85,25 @@ pub struct LlmArgs {
     listen: SocketAddr,
     #[command(flatten)]
     model: ModelFlags,
-    /// Generations running at once.
-    #[arg(long, default_value_t = 4)]
-    max_concurrency: usize,
-    /// Generations waiting; beyond them RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 16)]
+    #[command(flatten)]
+    batching: LlmBatching,
+}
+
+/// The LLM tier's scheduler.
+#[derive(Args, Debug, Clone)]
+pub struct LlmBatching {
+    /// Sequences in the running batch (continuous batching; a beam search takes num_beams).
+    #[arg(long = "llm-max-batch", default_value_t = 16)]
+    max_batch: usize,
+    /// Generations waiting for a batch slot; beyond them RESOURCE_EXHAUSTED.
+    #[arg(long = "llm-max-queue", default_value_t = 64)]
     max_queue: usize,
+    /// Prompt positions read per batched step (chunked prefill).
+    #[arg(long, default_value_t = 128)]
+    prefill_chunk: usize,
+    /// MiB of prompt KV kept for reuse by later turns (0: no prefix cache).
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mib: usize,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +131,8 @@ pub struct AllArgs {
     listen: SocketAddr,
     #[command(flatten)]
     model: ModelFlags,
+    #[command(flatten)]
+    batching: LlmBatching,
 }
 
 fn init_tracing() {
@@ -159,13 +174,19 @@ fn vision_tier(
     blip2_vision::VisionTier::new(model, name, config)
 }
 
-fn llm_tier(model: Arc<Blip2Model>, name: String, args: &LlmArgs) -> blip2_llm::LlmTier {
+fn llm_tier(
+    model: Arc<Blip2Model>,
+    name: String,
+    args: &LlmBatching,
+) -> Result<blip2_llm::LlmTier> {
     let config = blip2_llm::LlmConfig {
-        max_concurrency: args.max_concurrency,
+        max_concurrency: args.max_batch,
         max_queue: args.max_queue,
+        prefill_chunk: args.prefill_chunk,
+        prefix_cache_bytes: args.prefix_cache_mib << 20,
         ..blip2_llm::LlmConfig::default()
     };
-    blip2_llm::LlmTier::new(model, name, config)
+    blip2_llm::LlmTier::new(model, name, config).context("starting the LLM scheduler thread")
 }
 
 fn wire_dtype(name: &str) -> Result<blip2_proto::v1::Dtype> {
@@ -220,7 +241,7 @@ async fn serve(tier: Tier) -> Result<()> {
                 vision: false,
                 language_model: true,
             })?;
-            let tier = llm_tier(model, name, &args);
+            let tier = llm_tier(model, name, &args.batching)?;
             let listener = bind("llm", args.listen).await?;
             announce("llm", &listener)?;
             blip2_llm::serve(tier, listener, shutdown()).await?;
@@ -252,16 +273,7 @@ async fn serve(tier: Tier) -> Result<()> {
                     max_concurrency: 4,
                 },
             );
-            let llm = llm_tier(
-                model,
-                name,
-                &LlmArgs {
-                    listen: llm_addr,
-                    model: args.model.clone(),
-                    max_concurrency: 4,
-                    max_queue: 16,
-                },
-            );
+            let llm = llm_tier(model, name, &args.batching)?;
             let session = session_tier(
                 vec![format!("http://{vision_addr}")],
                 vec![format!("http://{llm_addr}")],

@@ -90,7 +90,7 @@ pub async fn start(config: LlmConfig) -> Result<Server> {
 
 /// Serves `model` on 127.0.0.1:0 until the returned value is dropped.
 pub async fn start_with(model: Arc<Blip2Model>, name: &str, config: LlmConfig) -> Result<Server> {
-    let tier = LlmTier::new(model, name.into(), config);
+    let tier = LlmTier::new(model, name.into(), config)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();

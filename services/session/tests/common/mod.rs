@@ -203,6 +203,7 @@ impl LlmService for FakeLlm {
                 usage: Some(Usage {
                     prompt_tokens: 10,
                     generated_tokens: 3,
+                    cached_prompt_tokens: 0,
                 }),
                 text: ANSWER.into(),
             };
