@@ -77,6 +77,12 @@ pub struct VisionArgs {
     /// Concurrent Encode calls; beyond them RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 4)]
     max_concurrency: usize,
+    /// Images in one forward pass of the vision model (micro-batching), at most.
+    #[arg(long = "vision-max-batch", default_value_t = 8)]
+    max_batch: usize,
+    /// Milliseconds the vision model waits after an image for others to batch with it.
+    #[arg(long, default_value_t = 2)]
+    batch_window_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +175,8 @@ fn vision_tier(
     let config = blip2_vision::VisionConfig {
         cache_bytes: args.cache_mib << 20,
         max_concurrency: args.max_concurrency,
+        max_batch_size: args.max_batch,
+        batch_window: std::time::Duration::from_millis(args.batch_window_ms),
         ..blip2_vision::VisionConfig::default()
     };
     blip2_vision::VisionTier::new(model, name, config)
@@ -271,6 +279,8 @@ async fn serve(tier: Tier) -> Result<()> {
                     model: args.model.clone(),
                     cache_mib: 256,
                     max_concurrency: 4,
+                    max_batch: 8,
+                    batch_window_ms: 2,
                 },
             );
             let llm = llm_tier(model, name, &args.batching)?;

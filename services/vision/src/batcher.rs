@@ -1,19 +1,25 @@
 //! The model's own thread: preprocessed images from every request queue on a bounded channel;
 //! the thread takes what is waiting (up to `max_batch_size` images of one size), runs vision
 //! encoder + Q-Former + projection once for all of them, caches each soft prompt and answers
-//! each image's `oneshot`. No waiting for a batch to fill: under load batches form by
-//! themselves, an idle tier answers a lone image at once. An image whose request was cancelled
+//! each image's `oneshot`. After the first image the thread waits at most `batch_window` for
+//! more (concurrent calls a few milliseconds apart then share one forward); under load batches
+//! form by themselves. An image whose request was cancelled
 //! (its reply receiver dropped) is skipped before the forward pass.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blip2_common::soft_prompt::encode_2d;
 use blip2_model::model::Blip2Model;
 use blip2_proto::v1::SoftPrompt;
 use candle_core::{DType, Tensor};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
+
+/// How often the batch window looks for more images.
+const BATCH_POLL: Duration = Duration::from_micros(250);
 use tracing::Span;
 
 use crate::cache::SoftPromptCache;
@@ -27,6 +33,8 @@ pub struct Shared {
     pub images_encoded: AtomicU64,
     /// Images answered without running the model.
     pub cache_hits: AtomicU64,
+    /// Forward passes run (each over a batch of images).
+    pub batches: AtomicU64,
 }
 
 /// One image for the model thread.
@@ -48,12 +56,17 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the model thread with a queue of `queue` images.
-    pub fn spawn(shared: Arc<Shared>, max_batch_size: usize, queue: usize) -> Self {
+    pub fn spawn(
+        shared: Arc<Shared>,
+        max_batch_size: usize,
+        batch_window: Duration,
+        queue: usize,
+    ) -> Self {
         let (jobs, receiver) = mpsc::channel(queue.max(1));
         let max_batch_size = max_batch_size.max(1);
         let spawned = std::thread::Builder::new()
             .name("blip2-vision-model".into())
-            .spawn(move || run(&shared, receiver, max_batch_size));
+            .spawn(move || run(&shared, receiver, max_batch_size, batch_window));
         if let Err(error) = spawned {
             // The receiver went down with the closure: every submit answers UNAVAILABLE.
             tracing::error!(%error, "cannot start the vision model thread");
@@ -70,13 +83,19 @@ impl Batcher {
     }
 }
 
-fn run(shared: &Shared, mut jobs: mpsc::Receiver<Job>, max_batch_size: usize) {
+fn run(
+    shared: &Shared,
+    mut jobs: mpsc::Receiver<Job>,
+    max_batch_size: usize,
+    batch_window: Duration,
+) {
     // A job of another image size than the batch being gathered waits here for the next one.
     let mut held: Option<Job> = None;
     loop {
         let Some(first) = held.take().or_else(|| jobs.blocking_recv()) else {
             return;
         };
+        let deadline = Instant::now() + batch_window;
         let mut batch = vec![first];
         while batch.len() < max_batch_size {
             match jobs.try_recv() {
@@ -86,6 +105,9 @@ fn run(shared: &Shared, mut jobs: mpsc::Receiver<Job>, max_batch_size: usize) {
                 Ok(job) => {
                     held = Some(job);
                     break;
+                }
+                Err(TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(BATCH_POLL.min(deadline - Instant::now()));
                 }
                 Err(_) => break,
             }
@@ -103,6 +125,7 @@ fn encode_batch(shared: &Shared, batch: Vec<Job>) {
         span.follows_from(&job.span);
     }
     let _entered = span.enter();
+    shared.batches.fetch_add(1, Ordering::Relaxed);
     let pixel_values: Vec<Tensor> = batch.iter().map(|job| job.pixel_values.clone()).collect();
     // The thread outlives one bad batch: a panic in the model answers this batch with INTERNAL.
     let forward = catch_unwind(AssertUnwindSafe(|| -> blip2_model::Result<Tensor> {
@@ -182,6 +205,7 @@ mod tests {
             cache: SoftPromptCache::new(1 << 20),
             images_encoded: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
         }
     }
 
@@ -234,7 +258,7 @@ mod tests {
         sender.try_send(odd).unwrap();
         drop(sender);
 
-        run(&shared, receiver, 8);
+        run(&shared, receiver, 8, Duration::ZERO);
 
         for ((name, reply), pixel_values) in names.iter().zip(replies).zip(&pixels) {
             let wire = reply.blocking_recv().unwrap().unwrap();
@@ -255,8 +279,31 @@ mod tests {
         let odd = odd_reply.blocking_recv().unwrap().unwrap();
         assert_eq!(odd.shape, vec![8, 64]);
         assert_eq!(shared.images_encoded.load(Ordering::Relaxed), 4);
+        assert_eq!(shared.batches.load(Ordering::Relaxed), 2);
         assert!(shared.cache.get("cancelled").is_none());
         // Each cached soft prompt owns one image's storage, not the batch's.
         assert_eq!(shared.cache.bytes(), 4 * 8 * 64 * 4);
+    }
+
+    #[test]
+    fn the_batch_window_gathers_images_that_arrive_shortly_after() {
+        let shared = shared();
+        let a = shared.model.preprocess(&image("gray.png")).unwrap();
+        let b = shared.model.preprocess(&image("rgba.png")).unwrap();
+        let (sender, receiver) = mpsc::channel(8);
+        let (first, first_reply) = job("a", a);
+        sender.try_send(first).unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let (second, second_reply) = job("b", b);
+            sender.try_send(second).unwrap();
+            second_reply
+        });
+        run(&shared, receiver, 8, Duration::from_secs(2));
+        assert!(first_reply.blocking_recv().unwrap().is_ok());
+        assert!(late.join().unwrap().blocking_recv().unwrap().is_ok());
+        // One forward for both; without a window the first would have gone alone.
+        assert_eq!(shared.batches.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.images_encoded.load(Ordering::Relaxed), 2);
     }
 }

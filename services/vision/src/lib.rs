@@ -38,9 +38,11 @@ pub struct VisionConfig {
     pub max_images_per_request: usize,
     /// Encoded size of one image in bytes.
     pub max_image_bytes: usize,
-    /// Images run through the model in one forward pass, at most (batches form from what is
-    /// queued; nothing waits for a batch to fill). Also how far one call prepares ahead.
+    /// Images run through the model in one forward pass, at most. Also how far one call
+    /// prepares ahead.
     pub max_batch_size: usize,
+    /// How long the model thread waits after a first image for more to share its forward.
+    pub batch_window: std::time::Duration,
 }
 
 impl Default for VisionConfig {
@@ -51,6 +53,7 @@ impl Default for VisionConfig {
             max_images_per_request: 16,
             max_image_bytes: 20 << 20,
             max_batch_size: 8,
+            batch_window: std::time::Duration::from_millis(2),
         }
     }
 }

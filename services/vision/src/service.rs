@@ -67,11 +67,17 @@ impl VisionTier {
             model,
             cache: SoftPromptCache::new(config.cache_bytes),
             images_encoded: Default::default(),
+            batches: Default::default(),
             cache_hits: Default::default(),
         });
         // Each running call has at most `lookahead() + 1` images queued.
         let queue = config.max_concurrency.max(1) * (lookahead(&config) + 1);
-        let batcher = Batcher::spawn(shared.clone(), config.max_batch_size, queue);
+        let batcher = Batcher::spawn(
+            shared.clone(),
+            config.max_batch_size,
+            config.batch_window,
+            queue,
+        );
         let admission = Arc::new(Semaphore::new(config.max_concurrency));
         Self {
             inner: Arc::new(Inner {
