@@ -118,6 +118,9 @@ struct TurnResult {
     pieces: Vec<String>,
     text: String,
     turn_id: String,
+    /// Prompt positions whose KV the LLM tier took from its prefix cache.
+    cached_prompt_tokens: u32,
+    prompt_tokens: u32,
 }
 
 async fn chat(
@@ -149,11 +152,14 @@ async fn chat(
         match event?.kind {
             Some(chat_event::Kind::Text(piece)) => pieces.push(piece),
             Some(chat_event::Kind::Done(done)) => {
+                let usage = done.usage.unwrap_or_default();
                 return Ok(TurnResult {
                     pieces,
                     text: done.text,
                     turn_id: done.turn_id,
-                })
+                    cached_prompt_tokens: usage.cached_prompt_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                });
             }
             None => {}
         }
@@ -265,6 +271,19 @@ async fn three_turn_dialogue(wire_dtype: DType, session_flags: &[&str]) {
             result.text, expected,
             "turn {question:?}: tiers = model library"
         );
+        // Later turns begin with the earlier prompt and answer: the LLM tier (one replica,
+        // prefix cache on by default) computes only the new positions, with the same answer.
+        if history.is_empty() {
+            assert_eq!(result.cached_prompt_tokens, 0);
+        } else {
+            assert!(
+                result.cached_prompt_tokens > 0
+                    && result.cached_prompt_tokens < result.prompt_tokens,
+                "turn {question:?}: {} of {} prompt positions cached",
+                result.cached_prompt_tokens,
+                result.prompt_tokens
+            );
+        }
         history.push((question.to_string(), result.text.clone(), new_shas));
         turn_ids.push(result.turn_id);
     }
