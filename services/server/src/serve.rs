@@ -99,10 +99,10 @@ pub struct LlmArgs {
 #[derive(Args, Debug, Clone)]
 pub struct LlmBatching {
     /// Sequences in the running batch (continuous batching; a beam search takes num_beams).
-    #[arg(long = "llm-max-batch", default_value_t = 16)]
+    #[arg(long = "llm-max-batch", alias = "max-concurrency", default_value_t = 16)]
     max_batch: usize,
     /// Generations waiting for a batch slot; beyond them RESOURCE_EXHAUSTED.
-    #[arg(long = "llm-max-queue", default_value_t = 64)]
+    #[arg(long = "llm-max-queue", alias = "max-queue", default_value_t = 64)]
     max_queue: usize,
     /// Prompt positions read per batched step (chunked prefill).
     #[arg(long, default_value_t = 128)]
