@@ -138,7 +138,11 @@ async fn concurrent_requests_each_equal_direct_generation() -> anyhow::Result<()
     }
     assert_eq!(server.tier.completed(), cases.len() as u64);
     // They ran side by side: some step ran a full batch (decodes and a prompt chunk).
-    assert!(server.tier.largest_step() >= 3, "{}", server.tier.largest_step());
+    assert!(
+        server.tier.largest_step() >= 3,
+        "{}",
+        server.tier.largest_step()
+    );
     Ok(())
 }
 
@@ -243,5 +247,135 @@ async fn a_beam_search_wider_than_the_batch_is_refused() -> anyhow::Result<()> {
     // The tier keeps serving.
     let ok = case("hello", None, 3);
     assert_eq!(ids(&run(&server, &ok).await?), expected(&ok));
+    Ok(())
+}
+
+#[tokio::test]
+async fn many_more_streams_than_the_queue_holds() -> anyhow::Result<()> {
+    // 2 running + 6 waiting; 64 calls at once.
+    let server = start(LlmConfig {
+        max_concurrency: 2,
+        max_queue: 6,
+        prefix_cache_bytes: 0,
+        ..LlmConfig::default()
+    })
+    .await?;
+    let c = case(" the colour is", Some("rgba.png"), 40);
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = server.client.clone();
+            let inputs = inputs(&c);
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                (call(&mut client, inputs).await, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    let all = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await);
+        }
+        results
+    })
+    .await
+    .expect("no call hangs");
+    for result in all {
+        let (result, elapsed) = result?;
+        match result {
+            Ok(streamed) => {
+                served += 1;
+                assert_eq!(streamed.tokens.len(), 40);
+                assert!(streamed.finish.is_some());
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("capacity"),
+                    "{}",
+                    status.message()
+                );
+                // Refused at once, not after waiting for a place.
+                assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(served + refused, 64);
+    assert!(served >= 8, "{served} served");
+    assert!(refused > 0, "nothing was refused");
+    while server.tier.running() != 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(server.tier.completed(), served);
+    Ok(())
+}
+
+/// Resident memory of this process in bytes (Linux), for leak checks.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[tokio::test]
+async fn clients_that_leave_free_their_sequences() -> anyhow::Result<()> {
+    let mut server = start(LlmConfig {
+        prefix_cache_bytes: 0,
+        ..LlmConfig::default()
+    })
+    .await?;
+    let c = case(" the colour is", Some("rgba.png"), 200);
+    let mut leave_after_two =
+        |client: &mut blip2_proto::v1::llm_service_client::LlmServiceClient<
+            tonic::transport::Channel,
+        >| {
+            let mut client = client.clone();
+            let inputs = inputs(&c);
+            async move {
+                let (sender, receiver) = tokio::sync::mpsc::channel(4);
+                for input in inputs {
+                    sender.send(input).await?;
+                }
+                let mut stream = client
+                    .generate(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                    .await?
+                    .into_inner();
+                for _ in 0..2 {
+                    assert!(stream.message().await?.is_some());
+                }
+                anyhow::Ok(())
+            }
+        };
+    let rounds = 60;
+    let mut before = None;
+    for round in 0..rounds {
+        if round == 10 {
+            before = resident_bytes();
+        }
+        // Four at a time, all dropped after their second token.
+        let batch: Vec<_> = (0..4)
+            .map(|_| leave_after_two(&mut server.client))
+            .collect();
+        for f in batch {
+            f.await?;
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.tier.running() != 0 {
+        assert!(std::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(server.tier.completed(), 4 * rounds);
+    let info = server.client.info(LlmInfoRequest {}).await?.into_inner();
+    assert_eq!(
+        (info.running, info.running_sequences, info.queued),
+        (0, 0, 0)
+    );
+    if let (Some(before), Some(after)) = (before, resident_bytes()) {
+        let growth = after.saturating_sub(before);
+        assert!(growth < 64 << 20, "resident memory grew by {growth} bytes");
+    }
     Ok(())
 }
