@@ -46,6 +46,7 @@ pub use error::Error;
 pub use params::generation_params;
 pub use prompt::prompt_text;
 use scheduler::{Scheduler, SchedulerConfig};
+pub use setup::check_setup;
 
 /// Limits of an LLM tier.
 #[derive(Debug, Clone)]
@@ -142,7 +143,11 @@ impl LlmTier {
 
     /// The most rows (decoding sequences + prompt chunks) one batched step has run since start.
     pub fn largest_step(&self) -> u32 {
-        self.inner.scheduler.stats.largest_step.load(Ordering::SeqCst)
+        self.inner
+            .scheduler
+            .stats
+            .largest_step
+            .load(Ordering::SeqCst)
     }
 
     /// Generations finished since start, for any reason (cancelled and failed ones included).

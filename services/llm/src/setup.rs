@@ -9,14 +9,14 @@ use blip2_model::llm::LanguageModel;
 use blip2_model::model::Blip2Model;
 use blip2_model::prompt::Prompt;
 use blip2_proto::v1::generate_input::Kind;
-use blip2_proto::v1::{GenerateInput, SoftPrompt};
+use blip2_proto::v1::{GenerateInput, GenerateSetup, SoftPrompt};
 use candle_core::{Device, Tensor};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::error::Error;
 use crate::params;
-use crate::prompt::check_segments;
+use crate::prompt::{check_segments, PromptSpec};
 
 /// A Generate request whose input is complete and checked.
 pub(crate) struct ValidRequest {
@@ -33,6 +33,71 @@ pub(crate) struct ValidRequest {
 /// The language model of a tier's checkpoint.
 pub(crate) fn language_model(model: &Blip2Model) -> Result<&Arc<dyn LanguageModel>, Error> {
     model.language_model().map_err(|_| Error::NoLanguageModel)
+}
+
+/// A `setup` whose segments and parameters are valid.
+struct CheckedSetup {
+    spec: PromptSpec,
+    params: GenerationParams,
+    logprobs: bool,
+}
+
+/// The checks of a `setup` that need no tokenisation: segments and parameters.
+fn check_fields(
+    setup: &GenerateSetup,
+    model: &Blip2Model,
+    max_new_tokens_limit: usize,
+) -> Result<CheckedSetup, Error> {
+    let has_image_token = model.prompt_tokenizer().image_token_id().is_some();
+    let spec = check_segments(&setup.segments, has_image_token)?;
+    let eos = &model.generation_defaults().eos_token_ids;
+    let params = params::convert(setup.params.as_ref(), eos, max_new_tokens_limit)?;
+    let logprobs = setup
+        .params
+        .as_ref()
+        .and_then(|p| p.logprobs)
+        .unwrap_or(false);
+    Ok(CheckedSetup {
+        spec,
+        params,
+        logprobs,
+    })
+}
+
+/// The bound generate() applies, checked before the soft prompts travel.
+fn check_positions(
+    lm: &dyn LanguageModel,
+    prompt: &Prompt,
+    params: &GenerationParams,
+) -> Result<(), Error> {
+    let info = lm.info();
+    if !info.is_encoder_decoder
+        && prompt.num_positions + params.max_new_tokens - 1 > info.max_positions
+    {
+        return Err(Error::invalid(format!(
+            "the prompt ({} positions) plus `max_new_tokens` ({}) exceeds the model's {} positions",
+            prompt.num_positions, params.max_new_tokens, info.max_positions
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a `setup` as a Generate call does before it waits for soft prompts (segments,
+/// parameters, the tokenised prompt against the context window) and returns the prompt's
+/// positions. For tools and fuzzing; errors are the statuses a call would end with.
+pub fn check_setup(
+    setup: &GenerateSetup,
+    model: &Blip2Model,
+    max_new_tokens_limit: usize,
+) -> Result<usize, Status> {
+    let run = || -> Result<usize, Error> {
+        let lm = language_model(model)?;
+        let checked = check_fields(setup, model, max_new_tokens_limit)?;
+        let prompt = model.build_prompt(&checked.spec.text, checked.spec.placeholders.len())?;
+        check_positions(lm.as_ref(), &prompt, &checked.params)?;
+        Ok(prompt.num_positions)
+    };
+    run().map_err(Status::from)
 }
 
 /// Reads and checks `setup` and the soft prompts from `inbound` (no timeout: the caller's).
@@ -62,34 +127,22 @@ where
             }
         },
     };
-    let has_image_token = model.prompt_tokenizer().image_token_id().is_some();
-    let spec = check_segments(&setup.segments, has_image_token)?;
-    let eos = &model.generation_defaults().eos_token_ids;
-    let params = params::convert(setup.params.as_ref(), eos, max_new_tokens_limit)?;
-    let logprobs = setup
-        .params
-        .as_ref()
-        .and_then(|p| p.logprobs)
-        .unwrap_or(false);
-
-    let num_images = spec.placeholders.len();
+    let checked = check_fields(&setup, model, max_new_tokens_limit)?;
     let prompt = {
         let model = model.clone();
-        let text = spec.text;
+        let text = checked.spec.text.clone();
+        let num_images = checked.spec.placeholders.len();
         tokio::task::spawn_blocking(move || model.build_prompt(&text, num_images))
             .await
             .map_err(|e| Error::Worker(e.to_string()))??
     };
-    let info = lm.info();
-    // The same bound generate() applies, checked before the soft prompts travel.
-    if !info.is_encoder_decoder
-        && prompt.num_positions + params.max_new_tokens - 1 > info.max_positions
-    {
-        return Err(Error::invalid(format!(
-            "the prompt ({} positions) plus `max_new_tokens` ({}) exceeds the model's {} positions",
-            prompt.num_positions, params.max_new_tokens, info.max_positions
-        )));
-    }
+    check_positions(lm.as_ref(), &prompt, &checked.params)?;
+    let CheckedSetup {
+        spec,
+        params,
+        logprobs,
+    } = checked;
+    let num_images = spec.placeholders.len();
 
     let expected_shape = [
         model.config().num_query_tokens,

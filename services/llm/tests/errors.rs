@@ -266,3 +266,35 @@ async fn a_client_that_leaves_cancels_its_generation() -> anyhow::Result<()> {
     assert_eq!(server.tier.completed(), 2);
     Ok(())
 }
+
+#[test]
+fn check_setup_gives_positions_or_the_calls_status() {
+    let model = model();
+    let ok = blip2_proto::v1::GenerateSetup {
+        segments: vec![placeholder(""), text(" a photo of")],
+        params: Some(params(5)),
+    };
+    let positions = blip2_llm::check_setup(&ok, &model, 512).expect("a valid setup");
+    assert!(positions > model.config().num_query_tokens);
+    let too_long = blip2_proto::v1::GenerateSetup {
+        params: Some(params(100_000)),
+        ..ok.clone()
+    };
+    let status = blip2_llm::check_setup(&too_long, &model, 512).expect_err("over the limit");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("max_new_tokens"),
+        "{}",
+        status.message()
+    );
+    let empty = blip2_proto::v1::GenerateSetup {
+        segments: vec![],
+        ..ok
+    };
+    assert_eq!(
+        blip2_llm::check_setup(&empty, &model, 512)
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+}
