@@ -28,7 +28,7 @@ def server():
     binary = os.environ.get("BLIP2_BIN", str(ROOT / "target" / "debug" / "blip2"))
     port = _free_port()
     proc = subprocess.Popen(
-        [binary, "serve", "all", "--listen", f"127.0.0.1:{port}"],
+        [binary, "serve", "all", "--listen", f"127.0.0.1:{port}", "--http-listen", "off"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

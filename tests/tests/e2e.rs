@@ -1,10 +1,9 @@
 //! End to end: the three tiers as separate `blip2 serve` processes on ephemeral loopback ports
 //! with the small committed checkpoint, driven through SessionService.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use blip2_model::generation::{self, GenerationParams};
 use blip2_model::model::{Blip2Model, LoadOptions};
@@ -18,68 +17,9 @@ use candle_core::{DType, IndexOp, Tensor};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
+use common::{fixture, spawn, Tier};
+
 const MAX_NEW_TOKENS: u32 = 10;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixture(path: &str) -> PathBuf {
-    root().join("tests/fixtures").join(path)
-}
-
-/// The `blip2` binary of this build (built by `cargo test --workspace`, next to this test).
-fn blip2_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(format!("blip2{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "{} not built: run `cargo test --workspace`",
-        path.display()
-    );
-    path
-}
-
-/// A tier process, killed when dropped.
-struct Tier {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Tier {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-fn spawn(args: &[&str]) -> Tier {
-    let mut child = Command::new(blip2_binary())
-        .arg("serve")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning blip2 serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let tier = args[0];
-    let prefix = format!("blip2 {tier} listening on ");
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(addr) = line.strip_prefix(&prefix) {
-                    break format!("http://{addr}");
-                }
-            }
-            _ => panic!("blip2 serve {tier} exited before listening"),
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Tier { child, addr }
-}
 
 struct System {
     vision: Tier,

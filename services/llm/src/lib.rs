@@ -174,6 +174,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(tier, listener, shutdown, None).await
+}
+
+/// [`serve`] with TLS (and mutual TLS when the configuration names a client CA).
+pub async fn serve_with(
+    tier: LlmTier,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(), tonic::transport::Error> {
     let (health, routes) = match blip2_common::server::standard_routes() {
         Ok(standard) => standard,
         Err(error) => {
@@ -193,7 +203,7 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
-    tonic::transport::Server::builder()
+    blip2_common::tls::server_builder(tls)?
         .add_routes(routes)
         .add_service(tier.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

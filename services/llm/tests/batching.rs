@@ -327,27 +327,26 @@ async fn clients_that_leave_free_their_sequences() -> anyhow::Result<()> {
     })
     .await?;
     let c = case(" the colour is", Some("rgba.png"), 200);
-    let mut leave_after_two =
-        |client: &mut blip2_proto::v1::llm_service_client::LlmServiceClient<
-            tonic::transport::Channel,
-        >| {
-            let mut client = client.clone();
-            let inputs = inputs(&c);
-            async move {
-                let (sender, receiver) = tokio::sync::mpsc::channel(4);
-                for input in inputs {
-                    sender.send(input).await?;
-                }
-                let mut stream = client
-                    .generate(tokio_stream::wrappers::ReceiverStream::new(receiver))
-                    .await?
-                    .into_inner();
-                for _ in 0..2 {
-                    assert!(stream.message().await?.is_some());
-                }
-                anyhow::Ok(())
+    let leave_after_two = |client: &mut blip2_proto::v1::llm_service_client::LlmServiceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut client = client.clone();
+        let inputs = inputs(&c);
+        async move {
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            for input in inputs {
+                sender.send(input).await?;
             }
-        };
+            let mut stream = client
+                .generate(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await?
+                .into_inner();
+            for _ in 0..2 {
+                assert!(stream.message().await?.is_some());
+            }
+            anyhow::Ok(())
+        }
+    };
     let rounds = 60;
     let mut before = None;
     for round in 0..rounds {

@@ -28,6 +28,7 @@ pub mod generation;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod jpeg;
+pub mod kernels;
 pub mod linear;
 pub mod llm;
 pub mod model;

@@ -29,6 +29,11 @@ pub struct LoadOptions {
     pub device: Device,
     pub limits: DecodeLimits,
     pub components: Components,
+    /// Storage of the language model's projections and `lm_head` (weight-only: activations keep
+    /// `dtype`). `None` keeps them in `dtype`. f16/bf16/int8/int4 shrink the bytes each decoded
+    /// token reads, which is what bounds decode speed on a CPU; bf16 works on CPU here because
+    /// the decode kernel computes in f32.
+    pub llm_weights: Option<crate::linear::WeightFormat>,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +43,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             limits: DecodeLimits::default(),
             components: Components::default(),
+            llm_weights: None,
         }
     }
 }
@@ -191,11 +197,13 @@ impl Blip2Model {
         let language_model: Option<Arc<dyn LanguageModel>> = if options.components.language_model {
             let lm: Arc<dyn LanguageModel> = match &config.text_config {
                 TextConfig::Opt(cfg) => Arc::new(
-                    Opt::new(cfg, root.pp("language_model")).map_err(|e| store.explain(e))?,
+                    Opt::with_weights(cfg, root.pp("language_model"), options.llm_weights)
+                        .map_err(|e| store.explain(e))?,
                 ),
-                TextConfig::T5(cfg) => {
-                    Arc::new(T5::new(cfg, root.pp("language_model")).map_err(explain)?)
-                }
+                TextConfig::T5(cfg) => Arc::new(
+                    T5::with_weights(cfg, root.pp("language_model"), options.llm_weights)
+                        .map_err(explain)?,
+                ),
             };
             if lm.info().hidden_size != config.text_config.hidden_size() {
                 return Err(Error::Config {

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::linear::Linear;
+use crate::linear::{Linear, WeightFormat};
 
 use crate::config::{Activation, OptConfig};
 use crate::error::{Error, Result};
@@ -42,9 +42,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &OptConfig,
+        vb: VarBuilder,
+        format: Option<WeightFormat>,
+    ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
-        let linear = |name| crate::linear::linear_b(h, h, cfg.enable_bias, vb.pp(name));
+        let linear = |name| crate::linear::linear_in(h, h, cfg.enable_bias, format, vb.pp(name));
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
             q_proj: linear("q_proj")?,
@@ -123,13 +127,19 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &OptConfig,
+        vb: VarBuilder,
+        format: Option<WeightFormat>,
+    ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
+        let linear =
+            |i, o, name| crate::linear::linear_in(i, o, cfg.enable_bias, format, vb.pp(name));
         Ok(Self {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), format)?,
             self_attn_layer_norm: layer_norm(cfg, h, vb.pp("self_attn_layer_norm"))?,
-            fc1: crate::linear::linear_b(h, cfg.ffn_dim, cfg.enable_bias, vb.pp("fc1"))?,
-            fc2: crate::linear::linear_b(cfg.ffn_dim, h, cfg.enable_bias, vb.pp("fc2"))?,
+            fc1: linear(h, cfg.ffn_dim, "fc1")?,
+            fc2: linear(cfg.ffn_dim, h, "fc2")?,
             final_layer_norm: layer_norm(cfg, h, vb.pp("final_layer_norm"))?,
             act: cfg.activation_function,
             pre_norm: cfg.do_layer_norm_before,
@@ -185,6 +195,16 @@ pub struct Opt {
 impl Opt {
     /// `vb` is rooted at `language_model` (weights `model.decoder.*`, `lm_head.weight`).
     pub fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_weights(cfg, vb, None)
+    }
+
+    /// As [`Opt::new`], with every projection (and `lm_head`) stored in `format` (`None`: as
+    /// loaded); embeddings and norms stay in the load dtype.
+    pub fn with_weights(
+        cfg: &OptConfig,
+        vb: VarBuilder,
+        format: Option<WeightFormat>,
+    ) -> candle_core::Result<Self> {
         let decoder = vb.pp("model.decoder");
         let proj_dim = cfg.word_embed_proj_dim();
         let embed_tokens = decoder.get((cfg.vocab_size, proj_dim), "embed_tokens.weight")?;
@@ -197,14 +217,18 @@ impl Opt {
         )?;
         let (project_in, project_out) = if proj_dim != cfg.hidden_size {
             (
-                Some(crate::linear::linear_no_bias(
+                Some(crate::linear::linear_in(
                     proj_dim,
                     cfg.hidden_size,
+                    false,
+                    format,
                     decoder.pp("project_in"),
                 )?),
-                Some(crate::linear::linear_no_bias(
+                Some(crate::linear::linear_in(
                     cfg.hidden_size,
                     proj_dim,
+                    false,
+                    format,
                     decoder.pp("project_out"),
                 )?),
             )
@@ -212,7 +236,7 @@ impl Opt {
             (None, None)
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, decoder.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, decoder.pp(format!("layers.{i}")), format))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm = if cfg.do_layer_norm_before {
             Some(layer_norm(
@@ -246,7 +270,7 @@ impl Opt {
             project_out,
             layers,
             final_layer_norm,
-            lm_head: Linear::new(lm_head_weight, None),
+            lm_head: Linear::with_format(lm_head_weight, None, format)?,
             info,
             device: vb.device().clone(),
             dtype: vb.dtype(),

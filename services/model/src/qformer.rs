@@ -8,13 +8,14 @@
 //! use their own FFN (`intermediate_query` / `output_query`). The Q-Former always runs in f32,
 //! as the reference keeps it (`_keep_in_fp32_modules`).
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
+use crate::kernels::gemm::{self, AttnShape};
 use crate::linear::Linear;
 
 use crate::config::{Activation, QFormerConfig};
-use crate::vision::eager_attention;
+use crate::vision::{eager_attention, FastLayerNorm, PackedLinear};
 
 struct MultiHeadAttention {
     query: Linear,
@@ -172,11 +173,121 @@ impl Layer {
     }
 }
 
+/// One Q-Former layer on the f32 CPU fast path (packed GEMMs with fused epilogues; the
+/// self-attention q/k/v and the cross-attention k/v are each one fused projection).
+struct FastLayer {
+    self_qkv: PackedLinear,
+    self_out: PackedLinear,
+    self_ln: FastLayerNorm,
+    cross: Option<FastCross>,
+    ffn_in: PackedLinear,
+    ffn_out: PackedLinear,
+    ffn_ln: FastLayerNorm,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+struct FastCross {
+    query: PackedLinear,
+    /// `[2 * hidden, encoder_hidden]`: keys then values over the image features.
+    kv: PackedLinear,
+    out: PackedLinear,
+    ln: FastLayerNorm,
+}
+
+fn cat_linears(parts: &[&Linear]) -> candle_core::Result<PackedLinear> {
+    let weights = parts.iter().map(|l| l.weight()).collect::<Vec<_>>();
+    let biases = parts.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>();
+    let weight = Tensor::cat(&weights, 0)?;
+    let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+    PackedLinear::new(&weight, bias.as_ref())
+}
+
+impl FastLayer {
+    fn new(layer: Layer, eps: f64) -> candle_core::Result<Self> {
+        let sa = &layer.attention.attention;
+        let cross = layer
+            .crossattention
+            .as_ref()
+            .map(|c| -> candle_core::Result<FastCross> {
+                Ok(FastCross {
+                    query: PackedLinear::from_linear(&c.attention.query)?,
+                    kv: cat_linears(&[&c.attention.key, &c.attention.value])?,
+                    out: PackedLinear::from_linear(&c.output.dense)?,
+                    ln: FastLayerNorm::new(&c.output.layer_norm, eps)?,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            self_qkv: cat_linears(&[&sa.query, &sa.key, &sa.value])?,
+            self_out: PackedLinear::from_linear(&layer.attention.output.dense)?,
+            self_ln: FastLayerNorm::new(&layer.attention.output.layer_norm, eps)?,
+            cross,
+            ffn_in: PackedLinear::from_linear(&layer.query_ffn.intermediate)?,
+            ffn_out: PackedLinear::from_linear(&layer.query_ffn.output.dense)?,
+            ffn_ln: FastLayerNorm::new(&layer.query_ffn.output.layer_norm, eps)?,
+            num_heads: sa.num_heads,
+            head_dim: sa.head_dim,
+        })
+    }
+
+    /// `xs`: `[batch * q, hidden]` updated in place; `image`: `[batch * t, encoder_hidden]`.
+    fn forward(&self, xs: &mut [f32], batch: usize, q: usize, image: &[f32], t: usize) {
+        let rows = batch * q;
+        let h = self.num_heads * self.head_dim;
+        let scale = (self.head_dim as f32).powf(-0.5);
+        let threads = gemm::num_threads();
+        let shape = |tk: usize, ldq: usize, ldkv: usize| AttnShape {
+            batch,
+            tq: q,
+            tk,
+            heads: self.num_heads,
+            head_dim: self.head_dim,
+            ldq,
+            ldk: ldkv,
+            ldv: ldkv,
+            ldo: h,
+        };
+        let mut attn = vec![0f32; rows * h];
+        let mut tmp = vec![0f32; rows * h];
+
+        let mut qkv = vec![0f32; rows * 3 * h];
+        self.self_qkv.forward(xs, rows, &mut qkv, false, None);
+        let s = shape(q, 3 * h, 3 * h);
+        gemm::attention(&qkv, &qkv[h..], &qkv[2 * h..], &mut attn, s, scale, threads);
+        self.self_out
+            .forward(&attn, rows, &mut tmp, false, Some(xs));
+        self.self_ln.forward(&tmp, xs);
+
+        if let Some(cross) = &self.cross {
+            let mut qb = vec![0f32; rows * h];
+            cross.query.forward(xs, rows, &mut qb, false, None);
+            let mut kv = vec![0f32; batch * t * 2 * h];
+            cross.kv.forward(image, batch * t, &mut kv, false, None);
+            let s = shape(t, h, 2 * h);
+            gemm::attention(&qb, &kv, &kv[h..], &mut attn, s, scale, threads);
+            cross.out.forward(&attn, rows, &mut tmp, false, Some(xs));
+            cross.ln.forward(&tmp, xs);
+        }
+
+        let mut mid = vec![0f32; rows * self.ffn_in.out_dim()];
+        self.ffn_in.forward(xs, rows, &mut mid, true, None);
+        self.ffn_out.forward(&mid, rows, &mut tmp, false, Some(xs));
+        self.ffn_ln.forward(&tmp, xs);
+    }
+}
+
+enum Layers {
+    Candle(Vec<Layer>),
+    /// CPU with exact GELU: the packed-GEMM path (the Q-Former is always f32).
+    Fast(Vec<FastLayer>),
+}
+
 /// The Q-Former with its learned query tokens.
 pub struct QFormer {
     query_tokens: Tensor,
     layernorm: LayerNorm,
-    layers: Vec<Layer>,
+    layers: Layers,
 }
 
 impl QFormer {
@@ -192,8 +303,17 @@ impl QFormer {
         let layernorm =
             candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layernorm"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, i, vb.pp(format!("encoder.layer.{i}"))))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|i| Layer::new(cfg, i, vb.pp(format!("encoder.layer.{i}"))));
+        let layers = if matches!(vb.device(), Device::Cpu) && cfg.hidden_act == Activation::Gelu {
+            // Packed one by one so each layer's candle tensors are freed before the next loads.
+            Layers::Fast(
+                layers
+                    .map(|l| FastLayer::new(l?, cfg.layer_norm_eps))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        } else {
+            Layers::Candle(layers.collect::<candle_core::Result<Vec<_>>>()?)
+        };
         Ok(Self {
             query_tokens,
             layernorm,
@@ -209,9 +329,30 @@ impl QFormer {
         let (_, q, h) = self.query_tokens.dims3()?;
         let queries = self.query_tokens.expand((batch, q, h))?.contiguous()?;
         let mut xs = self.layernorm.forward(&queries)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &image_embeds)?;
+        match &self.layers {
+            Layers::Candle(layers) => {
+                for layer in layers {
+                    xs = layer.forward(&xs, &image_embeds)?;
+                }
+                Ok(xs)
+            }
+            Layers::Fast(layers) => {
+                let (_, t, width) = image_embeds.dims3()?;
+                let want = layers
+                    .iter()
+                    .find_map(|l| l.cross.as_ref().map(|c| c.kv.in_dim()));
+                if want.is_some_and(|w| w != width) {
+                    candle_core::bail!(
+                        "image features of width {width}, the Q-Former expects {want:?}"
+                    );
+                }
+                let image = image_embeds.flatten_all()?.to_vec1::<f32>()?;
+                let mut data = xs.flatten_all()?.to_vec1::<f32>()?;
+                for layer in layers {
+                    layer.forward(&mut data, batch, q, &image, t);
+                }
+                Tensor::from_vec(data, (batch, q, h), xs.device())
+            }
         }
-        Ok(xs)
     }
 }

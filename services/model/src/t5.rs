@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::linear::Linear;
+use crate::linear::{Linear, WeightFormat};
 
 use crate::config::{Activation, T5Config};
 use crate::error::{Error, Result};
@@ -130,18 +130,16 @@ struct DenseReluDense {
 }
 
 impl DenseReluDense {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder, format: Option<WeightFormat>) -> Result<Self> {
         let (d_model, d_ff) = (cfg.d_model, cfg.d_ff);
+        let linear = |i, o, vb| crate::linear::linear_in(i, o, false, format, vb);
         let (wi_0, wi_1) = if cfg.is_gated_act() {
             (
-                crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi_0"))?,
-                Some(crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi_1"))?),
+                linear(d_model, d_ff, vb.pp("wi_0"))?,
+                Some(linear(d_model, d_ff, vb.pp("wi_1"))?),
             )
         } else {
-            (
-                crate::linear::linear_no_bias(d_model, d_ff, vb.pp("wi"))?,
-                None,
-            )
+            (linear(d_model, d_ff, vb.pp("wi"))?, None)
         };
         // `_keep_in_fp32_modules = ["wo"]`: from_pretrained keeps `wo` in f32 for float16 only.
         let wo_vb = if vb.dtype() == DType::F16 {
@@ -152,7 +150,7 @@ impl DenseReluDense {
         Ok(Self {
             wi_0,
             wi_1,
-            wo: crate::linear::linear_no_bias(d_ff, d_model, wo_vb)?,
+            wo: linear(d_ff, d_model, wo_vb)?,
             act: cfg.activation()?,
         })
     }
@@ -163,7 +161,7 @@ impl DenseReluDense {
             hidden = (hidden * wi_1.forward(xs)?)?;
         }
         // The reference casts the input of `wo` to `wo`'s dtype.
-        self.wo.forward(&hidden.to_dtype(self.wo.weight().dtype())?)
+        self.wo.forward(&self.wo.cast_input(&hidden)?)
     }
 }
 
@@ -178,13 +176,18 @@ struct T5Attention {
 }
 
 impl T5Attention {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &T5Config,
+        vb: VarBuilder,
+        format: Option<WeightFormat>,
+    ) -> candle_core::Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
+        let linear = |i, o, name| crate::linear::linear_in(i, o, false, format, vb.pp(name));
         Ok(Self {
-            q: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: crate::linear::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: crate::linear::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: linear(cfg.d_model, inner, "q")?,
+            k: linear(cfg.d_model, inner, "k")?,
+            v: linear(cfg.d_model, inner, "v")?,
+            o: linear(inner, cfg.d_model, "o")?,
             n_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
@@ -264,11 +267,11 @@ struct EncoderBlock {
 }
 
 impl EncoderBlock {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder, format: Option<WeightFormat>) -> Result<Self> {
         Ok(Self {
-            self_attention: T5Attention::new(cfg, vb.pp("layer.0.SelfAttention"))?,
+            self_attention: T5Attention::new(cfg, vb.pp("layer.0.SelfAttention"), format)?,
             self_attention_norm: T5LayerNorm::new(cfg, vb.pp("layer.0.layer_norm"))?,
-            ff: DenseReluDense::new(cfg, vb.pp("layer.1.DenseReluDense"))?,
+            ff: DenseReluDense::new(cfg, vb.pp("layer.1.DenseReluDense"), format)?,
             ff_norm: T5LayerNorm::new(cfg, vb.pp("layer.1.layer_norm"))?,
         })
     }
@@ -307,13 +310,13 @@ struct DecoderBlock {
 }
 
 impl DecoderBlock {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder, format: Option<WeightFormat>) -> Result<Self> {
         Ok(Self {
-            self_attention: T5Attention::new(cfg, vb.pp("layer.0.SelfAttention"))?,
+            self_attention: T5Attention::new(cfg, vb.pp("layer.0.SelfAttention"), format)?,
             self_attention_norm: T5LayerNorm::new(cfg, vb.pp("layer.0.layer_norm"))?,
-            enc_dec_attention: T5Attention::new(cfg, vb.pp("layer.1.EncDecAttention"))?,
+            enc_dec_attention: T5Attention::new(cfg, vb.pp("layer.1.EncDecAttention"), format)?,
             enc_dec_attention_norm: T5LayerNorm::new(cfg, vb.pp("layer.1.layer_norm"))?,
-            ff: DenseReluDense::new(cfg, vb.pp("layer.2.DenseReluDense"))?,
+            ff: DenseReluDense::new(cfg, vb.pp("layer.2.DenseReluDense"), format)?,
             ff_norm: T5LayerNorm::new(cfg, vb.pp("layer.2.layer_norm"))?,
         })
     }
@@ -387,6 +390,16 @@ impl T5 {
     /// `vb` is rooted at `language_model` (weights `shared`, `encoder.*`, `decoder.*`,
     /// `lm_head`); its dtype is the compute dtype.
     pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_weights(cfg, vb, None)
+    }
+
+    /// As [`T5::new`], with every projection (and `lm_head`) stored in `format` (`None`: as
+    /// loaded); embeddings, norms and relative biases stay in the load dtype.
+    pub fn with_weights(
+        cfg: &T5Config,
+        vb: VarBuilder,
+        format: Option<WeightFormat>,
+    ) -> Result<Self> {
         let (vocab, d_model) = (cfg.vocab_size, cfg.d_model);
         // `encoder.embed_tokens` / `decoder.embed_tokens` are tied to `shared` and usually absent;
         // from_pretrained ties to whichever of them the file has.
@@ -402,11 +415,11 @@ impl T5 {
 
         let encoder = vb.pp("encoder");
         let encoder_blocks = (0..cfg.num_layers)
-            .map(|i| EncoderBlock::new(cfg, encoder.pp(format!("block.{i}"))))
+            .map(|i| EncoderBlock::new(cfg, encoder.pp(format!("block.{i}")), format))
             .collect::<Result<Vec<_>>>()?;
         let decoder = vb.pp("decoder");
         let decoder_blocks = (0..cfg.num_decoder_layers())
-            .map(|i| DecoderBlock::new(cfg, decoder.pp(format!("block.{i}"))))
+            .map(|i| DecoderBlock::new(cfg, decoder.pp(format!("block.{i}")), format))
             .collect::<Result<Vec<_>>>()?;
         // Block 0's self-attention holds the stack's relative position bias.
         let bias_owner = "block.0.layer.0.SelfAttention";
@@ -436,7 +449,7 @@ impl T5 {
             shared,
             encoder_blocks,
             decoder_blocks,
-            lm_head: Linear::new(lm_head, None),
+            lm_head: Linear::with_format(lm_head, None, format)?,
             output_scale: cfg
                 .scale_decoder_outputs()
                 .then(|| (d_model as f64).powf(-0.5)),

@@ -5,9 +5,10 @@
 //! token, learned positions, pre-LN blocks with a fused qkv projection whose key bias is zero,
 //! and `post_layernorm` over all tokens (that output is what the Q-Former cross-attends to).
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
+use crate::kernels::gemm::{self, AttnShape, Epilogue, PackedB};
 use crate::linear::Linear;
 
 use crate::config::{Activation, VisionConfig};
@@ -170,11 +171,204 @@ impl EncoderLayer {
     }
 }
 
+/// A projection with its weight pre-packed for [`gemm::gemm`] (f32, CPU): packed once at load
+/// so every call streams the weight in the microkernel's order; the original tensor is dropped,
+/// so this costs no extra memory.
+pub(crate) struct PackedLinear {
+    weight: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+impl PackedLinear {
+    pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "bias of {} for a weight [{n}, {k}]",
+                bias.map_or(0, |b| b.len())
+            );
+        }
+        Ok(Self {
+            weight: PackedB::from_nk(&w, n, k, k),
+            bias,
+        })
+    }
+
+    pub(crate) fn from_linear(linear: &Linear) -> candle_core::Result<Self> {
+        Self::new(linear.weight(), linear.bias())
+    }
+
+    pub(crate) fn out_dim(&self) -> usize {
+        self.weight.n()
+    }
+
+    pub(crate) fn in_dim(&self) -> usize {
+        self.weight.k()
+    }
+
+    /// `out[m, n] = epi(x[m, k] Wᵀ + b)`; `gelu` applies exact GELU, `residual` (`[m, n]`) is
+    /// added last.
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        gelu: bool,
+        residual: Option<&[f32]>,
+    ) {
+        let n = self.weight.n();
+        let epi = Epilogue {
+            scale: None,
+            bias: self.bias.as_deref(),
+            gelu,
+            residual: residual.map(|r| (r, n)),
+        };
+        gemm::gemm(
+            x,
+            m,
+            self.weight.k(),
+            &self.weight,
+            epi,
+            &mut out[..m * n],
+            n,
+            gemm::num_threads(),
+        );
+    }
+}
+
+/// LayerNorm parameters as plain vectors for [`gemm::layer_norm`].
+pub(crate) struct FastLayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl FastLayerNorm {
+    pub(crate) fn new(ln: &LayerNorm, eps: f64) -> candle_core::Result<Self> {
+        let weight = ln.weight().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let bias = match ln.bias() {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; weight.len()],
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &[f32], out: &mut [f32]) {
+        gemm::layer_norm(
+            x,
+            out,
+            self.weight.len(),
+            &self.weight,
+            &self.bias,
+            self.eps,
+        );
+    }
+}
+
+/// One encoder layer on the f32 CPU fast path: fused qkv GEMM, per-head attention read in
+/// place, and the bias / GELU / residual folded into the GEMM epilogues.
+struct FastLayer {
+    layer_norm1: FastLayerNorm,
+    qkv: PackedLinear,
+    projection: PackedLinear,
+    layer_norm2: FastLayerNorm,
+    fc1: PackedLinear,
+    fc2: PackedLinear,
+    num_heads: usize,
+    scale: f32,
+}
+
+impl FastLayer {
+    fn new(layer: EncoderLayer, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            layer_norm1: FastLayerNorm::new(&layer.layer_norm1, eps)?,
+            qkv: PackedLinear::from_linear(&layer.self_attn.qkv)?,
+            projection: PackedLinear::from_linear(&layer.self_attn.projection)?,
+            layer_norm2: FastLayerNorm::new(&layer.layer_norm2, eps)?,
+            fc1: PackedLinear::from_linear(&layer.mlp.fc1)?,
+            fc2: PackedLinear::from_linear(&layer.mlp.fc2)?,
+            num_heads: layer.self_attn.num_heads,
+            scale: layer.self_attn.scale as f32,
+        })
+    }
+}
+
+/// Scratch buffers of the fast path, allocated once per forward.
+struct Scratch {
+    ln: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    next: Vec<f32>,
+    mlp: Vec<f32>,
+}
+
+impl FastLayer {
+    /// `xs`: `[batch * t, hidden]`, updated in place (via `scratch.next`).
+    fn forward(&self, xs: &mut Vec<f32>, batch: usize, t: usize, scratch: &mut Scratch) {
+        let rows = batch * t;
+        let h = self.projection.out_dim();
+        let head_dim = h / self.num_heads;
+        self.layer_norm1.forward(xs, &mut scratch.ln);
+        self.qkv
+            .forward(&scratch.ln, rows, &mut scratch.qkv, false, None);
+        let shape = AttnShape {
+            batch,
+            tq: t,
+            tk: t,
+            heads: self.num_heads,
+            head_dim,
+            ldq: 3 * h,
+            ldk: 3 * h,
+            ldv: 3 * h,
+            ldo: h,
+        };
+        gemm::attention(
+            &scratch.qkv,
+            &scratch.qkv[h..],
+            &scratch.qkv[2 * h..],
+            &mut scratch.attn,
+            shape,
+            self.scale,
+            gemm::num_threads(),
+        );
+        self.projection
+            .forward(&scratch.attn, rows, &mut scratch.next, false, Some(xs));
+        std::mem::swap(xs, &mut scratch.next);
+        self.layer_norm2.forward(xs, &mut scratch.ln);
+        self.fc1
+            .forward(&scratch.ln, rows, &mut scratch.mlp, true, None);
+        self.fc2
+            .forward(&scratch.mlp, rows, &mut scratch.next, false, Some(xs));
+        std::mem::swap(xs, &mut scratch.next);
+    }
+}
+
+enum Layers {
+    /// candle ops (any dtype / device).
+    Candle(Vec<EncoderLayer>),
+    /// f32 on the CPU with exact GELU: the packed-GEMM path.
+    Fast {
+        layers: Vec<FastLayer>,
+        post_layernorm: FastLayerNorm,
+    },
+}
+
 /// The vision encoder; `forward` returns `last_hidden_state` `[B, patches + 1, hidden]`
 /// (post_layernorm applied to all tokens).
 pub struct VisionModel {
     embeddings: VisionEmbeddings,
-    layers: Vec<EncoderLayer>,
+    layers: Layers,
     post_layernorm: LayerNorm,
     dtype: DType,
 }
@@ -183,11 +377,31 @@ impl VisionModel {
     /// `vb` is rooted at `vision_model`.
     pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let embeddings = VisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let post_layernorm =
             candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
+        let fast = vb.dtype() == DType::F32
+            && matches!(vb.device(), Device::Cpu)
+            && cfg.hidden_act == Activation::Gelu;
+        let layers = if fast {
+            // Each layer is packed right after loading so its candle tensors are freed before
+            // the next one is read.
+            let layers = (0..cfg.num_hidden_layers)
+                .map(|i| {
+                    let layer = EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}")))?;
+                    FastLayer::new(layer, cfg.layer_norm_eps)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Layers::Fast {
+                layers,
+                post_layernorm: FastLayerNorm::new(&post_layernorm, cfg.layer_norm_eps)?,
+            }
+        } else {
+            Layers::Candle(
+                (0..cfg.num_hidden_layers)
+                    .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        };
         Ok(Self {
             embeddings,
             layers,
@@ -201,13 +415,119 @@ impl VisionModel {
         let mut xs = self
             .embeddings
             .forward(&pixel_values.to_dtype(self.dtype)?)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+        match &self.layers {
+            Layers::Candle(layers) => {
+                for layer in layers {
+                    xs = layer.forward(&xs)?;
+                }
+                self.post_layernorm.forward(&xs)
+            }
+            Layers::Fast {
+                layers,
+                post_layernorm,
+            } => {
+                let (batch, t, h) = xs.dims3()?;
+                let device = xs.device().clone();
+                let mut data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let rows = batch * t;
+                let inner = layers.first().map_or(0, |l| l.fc1.out_dim());
+                let mut scratch = Scratch {
+                    ln: vec![0.0; rows * h],
+                    qkv: vec![0.0; rows * 3 * h],
+                    attn: vec![0.0; rows * h],
+                    next: vec![0.0; rows * h],
+                    mlp: vec![0.0; rows * inner],
+                };
+                for layer in layers {
+                    layer.forward(&mut data, batch, t, &mut scratch);
+                }
+                post_layernorm.forward(&data, &mut scratch.ln);
+                Tensor::from_vec(scratch.ln, (batch, t, h), &device)
+            }
         }
-        self.post_layernorm.forward(&xs)
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Blip2Config;
+
+    /// Serves every tensor as small uniform random values (as `blip2 bench`).
+    struct RandomWeights;
+
+    impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+        fn get(
+            &self,
+            shape: candle_core::Shape,
+            _name: &str,
+            _init: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("no stored shape for `{name}`")
+        }
+
+        fn contains_tensor(&self, _name: &str) -> bool {
+            false
+        }
+    }
+
+    /// Per-part encode timing at bench.rs's "base" shape:
+    /// `cargo test --release -p blip2-model --lib encode_parts -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn encode_parts() -> anyhow::Result<()> {
+        let json = serde_json::json!({
+            "vision_config": {"hidden_size": 768, "intermediate_size": 3072,
+                "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224,
+                "patch_size": 14},
+            "qformer_config": {},
+            "text_config": {"model_type": "opt", "hidden_size": 768, "num_hidden_layers": 1,
+                "num_attention_heads": 12, "ffn_dim": 3072, "vocab_size": 50272},
+            "num_query_tokens": 32
+        });
+        let config = Blip2Config::from_json(&json.to_string(), "bench".as_ref())?;
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+        let vision = VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
+        let qformer = crate::qformer::QFormer::new(
+            &config.qformer_config,
+            config.num_query_tokens,
+            vb.clone(),
+        )?;
+        let projection = crate::linear::linear(768, 768, vb.pp("language_projection"))?;
+        let pixels = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu)?;
+        let mut best = [f64::MAX; 4];
+        for _ in 0..6 {
+            let t0 = std::time::Instant::now();
+            let emb = vision.embeddings.forward(&pixels)?;
+            let t1 = std::time::Instant::now();
+            let embeds = vision.forward(&pixels)?;
+            let t2 = std::time::Instant::now();
+            let q = qformer.forward(&embeds)?;
+            let t3 = std::time::Instant::now();
+            let _ = projection.forward(&q)?;
+            let t4 = std::time::Instant::now();
+            drop(emb);
+            for (b, d) in best.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+                *b = b.min(d.as_secs_f64());
+            }
+        }
+        println!(
+            "embeddings {:.1} ms, vision (incl. embeddings) {:.1} ms, qformer {:.1} ms, projection {:.2} ms",
+            best[0] * 1e3,
+            best[1] * 1e3,
+            best[2] * 1e3,
+            best[3] * 1e3
+        );
+        Ok(())
     }
 }

@@ -95,6 +95,8 @@ pub struct BenchOptions {
     pub images: usize,
     pub new_tokens: usize,
     pub prompt_tokens: usize,
+    /// Storage of the language model's projections (`None`: f32).
+    pub llm_weights: Option<blip2_model::linear::WeightFormat>,
 }
 
 pub fn run(shape: Shape, options: &BenchOptions) -> Result<BenchResult> {
@@ -112,7 +114,7 @@ pub fn run(shape: Shape, options: &BenchOptions) -> Result<BenchResult> {
         opt_config.hidden_size,
         vb.pp("language_projection"),
     )?;
-    let lm = Opt::new(opt_config, vb.pp("language_model"))?;
+    let lm = Opt::with_weights(opt_config, vb.pp("language_model"), options.llm_weights)?;
 
     let size = config.vision_config.image_size;
     let pixels = Tensor::zeros((1, 3, size, size), DType::F32, &device)?;

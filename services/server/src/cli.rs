@@ -26,7 +26,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Encode one image and dump the intermediate tensors as safetensors.
     Encode(EncodeArgs),
-    /// Print single-model throughput (encode images/s, decode tokens/s) with random weights.
+    /// Print single-model throughput (encode images/s, decode tokens/s) with random weights;
+    /// `bench load` drives concurrent chat sessions against a running session tier.
     Bench(BenchArgs),
     /// Serve a tier over gRPC (vision, llm, session), or all three in one process.
     #[command(subcommand)]
@@ -43,6 +44,11 @@ struct ModelArgs {
     /// Weight precision (the Q-Former stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Storage of the language model's projections and lm_head: f32, f16, bf16, int8 or int4
+    /// (weight-only, activations keep `--dtype`; fewer bytes per weight decode faster on CPU).
+    /// Default: as `--dtype`.
+    #[arg(long, env = "BLIP2_LLM_WEIGHTS")]
+    llm_weights: Option<blip2_model::linear::WeightFormat>,
 }
 
 impl ModelArgs {
@@ -50,6 +56,7 @@ impl ModelArgs {
         let dtype: WeightDtype = self.dtype.parse()?;
         let options = LoadOptions {
             dtype,
+            llm_weights: self.llm_weights,
             ..LoadOptions::default()
         };
         let dir = crate::default_model::resolve_model_dir(self.model.as_deref())?;
@@ -108,7 +115,11 @@ struct EncodeArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    /// `load`: the serving benchmark; without it, the single-model one below.
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Shapes to measure.
     #[arg(long, value_enum, default_values_t = [bench::Shape::Base])]
     shape: Vec<bench::Shape>,
@@ -124,6 +135,18 @@ struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Storage of the language model's projections and lm_head: f32, f16, bf16, int8 or int4
+    /// (weight-only, activations keep `--dtype`; fewer bytes per weight decode faster on CPU).
+    /// Default: f32.
+    #[arg(long, env = "BLIP2_LLM_WEIGHTS")]
+    llm_weights: Option<blip2_model::linear::WeightFormat>,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// N concurrent chat sessions with images against a session tier: TTFT, inter-token
+    /// latency, tokens/s, requests/s.
+    Load(crate::bench_load::LoadArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -131,11 +154,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Encode(args) => encode(args),
         Command::Serve(tier) => crate::serve::run(tier),
+        Command::Bench(BenchArgs {
+            command: Some(BenchCommand::Load(load)),
+            ..
+        }) => crate::bench_load::run(load),
         Command::Bench(args) => {
             let options = bench::BenchOptions {
                 images: args.images,
                 new_tokens: args.new_tokens,
                 prompt_tokens: args.prompt_tokens,
+                llm_weights: args.llm_weights,
             };
             let results = args
                 .shape

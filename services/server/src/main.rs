@@ -4,8 +4,11 @@
 //! keep them stable.
 
 mod bench;
+mod bench_load;
+mod bench_stats;
 mod cli;
 mod default_model;
+mod http_gateway;
 mod serve;
 
 use std::process::ExitCode;

@@ -35,6 +35,11 @@ pub struct ModelFlags {
     /// Weight precision (the Q-Former stays f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Storage of the language model's projections and lm_head: f32, f16, bf16, int8 or int4
+    /// (weight-only, activations keep `--dtype`; fewer bytes per weight decode faster on CPU).
+    /// Default: as `--dtype`.
+    #[arg(long, env = "BLIP2_LLM_WEIGHTS")]
+    pub llm_weights: Option<blip2_model::linear::WeightFormat>,
 }
 
 impl ModelFlags {
@@ -52,6 +57,7 @@ impl ModelFlags {
         let options = LoadOptions {
             dtype,
             components,
+            llm_weights: self.llm_weights,
             ..LoadOptions::default()
         };
         let model = Blip2Model::load(dir, &options)
@@ -65,17 +71,75 @@ impl ModelFlags {
     }
 }
 
+/// TLS of a tier's listener.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "BLIP2_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "BLIP2_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. Needs --tls-cert.
+    #[arg(long, env = "BLIP2_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn load(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let tls = blip2_common::tls::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        };
+        Ok(Some(tls.load()?))
+    }
+}
+
+/// How the session tier reaches `https://` vision and LLM replicas.
+#[derive(Args, Debug, Clone, Default)]
+pub struct UpstreamTlsArgs {
+    /// CA (PEM) that signed the vision and LLM tiers' certificates (use https:// addresses).
+    #[arg(long, env = "BLIP2_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for tiers that require mutual TLS; needs --upstream-key.
+    #[arg(long, env = "BLIP2_UPSTREAM_CERT", requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    /// Private key (PEM) of --upstream-cert.
+    #[arg(long, env = "BLIP2_UPSTREAM_KEY", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
+    /// Name to verify in the tiers' certificates instead of each address's host.
+    #[arg(long)]
+    upstream_domain: Option<String>,
+}
+
+impl UpstreamTlsArgs {
+    fn config(&self) -> blip2_common::tls::ClientTls {
+        blip2_common::tls::ClientTls {
+            ca: self.upstream_ca.clone(),
+            identity: self.upstream_cert.clone().zip(self.upstream_key.clone()),
+            domain: self.upstream_domain.clone(),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct VisionArgs {
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     #[command(flatten)]
     model: ModelFlags,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Soft-prompt cache budget in MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: usize,
-    /// Concurrent Encode calls; beyond them RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent Encode calls (their images queue for the model thread); beyond them
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 16)]
     max_concurrency: usize,
     /// Images in one forward pass of the vision model (micro-batching), at most.
     #[arg(long = "vision-max-batch", default_value_t = 8)]
@@ -93,13 +157,19 @@ pub struct LlmArgs {
     model: ModelFlags,
     #[command(flatten)]
     batching: LlmBatching,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// The LLM tier's scheduler.
 #[derive(Args, Debug, Clone)]
 pub struct LlmBatching {
     /// Sequences in the running batch (continuous batching; a beam search takes num_beams).
-    #[arg(long = "llm-max-batch", alias = "max-concurrency", default_value_t = 16)]
+    #[arg(
+        long = "llm-max-batch",
+        alias = "max-concurrency",
+        default_value_t = 16
+    )]
     max_batch: usize,
     /// Generations waiting for a batch slot; beyond them RESOURCE_EXHAUSTED.
     #[arg(long = "llm-max-queue", alias = "max-queue", default_value_t = 64)]
@@ -128,6 +198,12 @@ pub struct SessionArgs {
     /// Element type in which soft prompts travel from the vision tier (f32, f16, bf16).
     #[arg(long, default_value = "f32")]
     soft_prompt_dtype: String,
+    #[command(flatten)]
+    http: crate::http_gateway::HttpArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    upstream_tls: UpstreamTlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -139,6 +215,11 @@ pub struct AllArgs {
     model: ModelFlags,
     #[command(flatten)]
     batching: LlmBatching,
+    #[command(flatten)]
+    http: crate::http_gateway::HttpArgs,
+    /// TLS of the session tier's listener (the tiers inside talk over loopback).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn init_tracing() {
@@ -151,14 +232,14 @@ fn init_tracing() {
         .ok();
 }
 
-async fn bind(tier: &str, addr: SocketAddr) -> Result<TcpListener> {
+pub(crate) async fn bind(tier: &str, addr: SocketAddr) -> Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("{tier}: binding {addr}"))?;
     Ok(listener)
 }
 
-fn announce(tier: &str, listener: &TcpListener) -> Result<SocketAddr> {
+pub(crate) fn announce(tier: &str, listener: &TcpListener) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
     use std::io::Write;
     let mut out = std::io::stdout();
@@ -211,12 +292,14 @@ fn session_tier(
     llm: Vec<String>,
     model_dir: PathBuf,
     soft_prompt_dtype: blip2_proto::v1::Dtype,
+    upstream_tls: blip2_common::tls::ClientTls,
 ) -> Result<blip2_session::SessionTier> {
     let config = blip2_session::SessionConfig {
         vision_addrs: vision,
         llm_addrs: llm,
         model_dir: Some(model_dir),
         soft_prompt_dtype,
+        upstream_tls,
         ..blip2_session::SessionConfig::default()
     };
     Ok(blip2_session::SessionTier::new(config)?)
@@ -242,7 +325,7 @@ async fn serve(tier: Tier) -> Result<()> {
             let tier = vision_tier(model, name, &args);
             let listener = bind("vision", args.listen).await?;
             announce("vision", &listener)?;
-            blip2_vision::serve(tier, listener, shutdown()).await?;
+            blip2_vision::serve_with(tier, listener, shutdown(), args.tls.load()?).await?;
         }
         Tier::Llm(args) => {
             let (model, name) = args.model.load(Components {
@@ -252,14 +335,34 @@ async fn serve(tier: Tier) -> Result<()> {
             let tier = llm_tier(model, name, &args.batching)?;
             let listener = bind("llm", args.listen).await?;
             announce("llm", &listener)?;
-            blip2_llm::serve(tier, listener, shutdown()).await?;
+            blip2_llm::serve_with(tier, listener, shutdown(), args.tls.load()?).await?;
         }
         Tier::Session(args) => {
             let dtype = wire_dtype(&args.soft_prompt_dtype)?;
-            let tier = session_tier(args.vision, args.llm, args.model.dir()?, dtype)?;
+            let tls = args.tls.load()?;
+            let tier = session_tier(
+                args.vision,
+                args.llm,
+                args.model.dir()?,
+                dtype,
+                args.upstream_tls.config(),
+            )?;
             let listener = bind("session", args.listen).await?;
-            announce("session", &listener)?;
-            blip2_session::serve(tier, listener, shutdown()).await?;
+            let session_addr = announce("session", &listener)?;
+            let model = args.model.model.as_deref();
+            let http = crate::http_gateway::spawn(
+                &args.http,
+                None,
+                session_addr,
+                tls.is_some(),
+                model,
+                shutdown(),
+            );
+            let http_task = http.await?;
+            blip2_session::serve_with(tier, listener, shutdown(), tls).await?;
+            if let Some(task) = http_task {
+                task.await??;
+            }
         }
         Tier::All(args) => {
             // One model instance serves the vision and LLM tiers of this process; the checkpoint
@@ -277,8 +380,9 @@ async fn serve(tier: Tier) -> Result<()> {
                 &VisionArgs {
                     listen: vision_addr,
                     model: args.model.clone(),
+                    tls: TlsArgs::default(),
                     cache_mib: 256,
-                    max_concurrency: 4,
+                    max_concurrency: 16,
                     max_batch: 8,
                     batch_window_ms: 2,
                 },
@@ -289,15 +393,31 @@ async fn serve(tier: Tier) -> Result<()> {
                 vec![format!("http://{llm_addr}")],
                 model_dir,
                 blip2_proto::v1::Dtype::F32,
+                blip2_common::tls::ClientTls::default(),
             )?;
+            let tls = args.tls.load()?;
             let session_listener = bind("session", args.listen).await?;
             let vision_task =
                 tokio::spawn(blip2_vision::serve(vision, vision_listener, shutdown()));
             let llm_task = tokio::spawn(blip2_llm::serve(llm, llm_listener, shutdown()));
+            let session_addr = session_listener.local_addr()?;
+            let model = args.model.model.as_deref();
+            let http = crate::http_gateway::spawn(
+                &args.http,
+                Some("127.0.0.1:8080"),
+                session_addr,
+                tls.is_some(),
+                model,
+                shutdown(),
+            );
+            let http_task = http.await?;
             announce("session", &session_listener)?;
-            blip2_session::serve(session, session_listener, shutdown()).await?;
+            blip2_session::serve_with(session, session_listener, shutdown(), tls).await?;
             vision_task.await??;
             llm_task.await??;
+            if let Some(task) = http_task {
+                task.await??;
+            }
         }
     }
     Ok(())

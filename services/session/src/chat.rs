@@ -17,7 +17,7 @@ use blip2_proto::v1::{
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::error::SessionError;
 use crate::prompt::{self, PromptBudget};
@@ -29,14 +29,14 @@ use crate::SessionTier;
 pub(crate) type ChatSender = mpsc::Sender<Result<ChatEvent, Status>>;
 
 /// An image of the turn, resolved to its content.
-struct Attachment {
+pub(crate) struct Attachment {
     /// Its id in the session.
-    image_id: String,
-    sha256: String,
+    pub(crate) image_id: String,
+    pub(crate) sha256: String,
     /// The file, when it may need encoding (absent for a session image attached again).
-    data: Option<Arc<Vec<u8>>>,
+    pub(crate) data: Option<Arc<Vec<u8>>>,
     /// The upload it came from: dropped from the upload store once the turn commits.
-    upload_id: Option<String>,
+    pub(crate) upload_id: Option<String>,
 }
 
 /// A turn ready for the LLM tier. It holds its session's turn lock until it is dropped.
@@ -226,7 +226,7 @@ impl SessionTier {
 
     /// Resolves the turn's images: bytes (size-checked, hashed), an upload of this session or
     /// of none, or an image of the session attached again (its soft prompt is reused).
-    async fn resolve_images(
+    pub(crate) async fn resolve_images(
         &self,
         session_id: &str,
         images: Vec<TurnImage>,
@@ -503,7 +503,7 @@ async fn generate_on(
         () = events.closed() => return Ok(Attempt::Done(None)),
     };
     let unreachable =
-        |status: &Status, streamed: bool| status.code() == Code::Unavailable && !streamed;
+        |status: &Status, streamed: bool| crate::error::unreachable(status) && !streamed;
     let mut stream = match response {
         Ok(response) => response.into_inner(),
         Err(status) if unreachable(&status, *streamed) => {

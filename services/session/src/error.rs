@@ -58,7 +58,7 @@ impl SessionError {
     /// failed mid-stream) names the tier; every other status passes through with its message.
     pub(crate) fn from_tier(tier: &'static str, status: &Status) -> Self {
         match status.code() {
-            Code::Unavailable => Self::Unavailable {
+            _ if unreachable(status) => Self::Unavailable {
                 tier,
                 message: status.message().to_string(),
             },
@@ -69,6 +69,17 @@ impl SessionError {
             },
         }
     }
+}
+
+/// Whether a tier's status means the replica could not be reached (or the connection broke)
+/// rather than that it refused the request: UNAVAILABLE, or a status that tonic made from a
+/// transport error (it carries the error as its source; a server's own status has none), or
+/// CANCELLED (the session tier never cancels a call it is still reading, so it is tonic
+/// reporting a reset stream). A TLS 1.3 server that refuses the client's certificate after the
+/// handshake shows up as either of the last two.
+pub(crate) fn unreachable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Cancelled)
+        || std::error::Error::source(status).is_some()
 }
 
 /// The status a client gets for `error`, logged here, once: the client's mistakes (INVALID_ARGUMENT,

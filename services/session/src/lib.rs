@@ -12,11 +12,14 @@
 //! - `replicas`: lazily connected channels to the vision and LLM replicas (round robin, session
 //!   affinity, fail-over to the next replica).
 //! - `chat`: one turn, from the request to the committed turn.
+//! - `history`: sessions created with finished turns (CreateSession's `history`), for clients
+//!   that hold the conversation themselves.
 //! - `service`: the `blip2.v1.SessionService` handlers.
 //! - [`error`]: [`SessionError`] and its mapping to `tonic::Status`.
 
 mod chat;
 pub mod error;
+mod history;
 pub mod prompt;
 mod replicas;
 mod service;
@@ -58,6 +61,8 @@ pub struct SessionConfig {
     pub context_tokens: Option<usize>,
     /// Element type the vision tier is asked to send soft prompts in.
     pub soft_prompt_dtype: Dtype,
+    /// TLS towards the vision and LLM tiers (CA to trust, identity for mutual TLS).
+    pub upstream_tls: blip2_common::tls::ClientTls,
 }
 
 impl Default for SessionConfig {
@@ -72,6 +77,7 @@ impl Default for SessionConfig {
             max_sessions: 10_000,
             context_tokens: None,
             soft_prompt_dtype: Dtype::F32,
+            upstream_tls: blip2_common::tls::ClientTls::default(),
         }
     }
 }
@@ -99,8 +105,12 @@ impl SessionTier {
     /// Checks the configuration and loads the tokenizer; connects to no tier yet (channels
     /// connect on first use, so the tiers may start in any order).
     pub fn new(config: SessionConfig) -> Result<Self, SessionError> {
-        let vision = Replicas::new("vision", &config.vision_addrs)?;
-        let llm = Replicas::new("LLM", &config.llm_addrs)?;
+        let tls = config
+            .upstream_tls
+            .load()
+            .map_err(|e| SessionError::Config(format!("upstream TLS: {e}")))?;
+        let vision = Replicas::new("vision", &config.vision_addrs, tls.as_ref())?;
+        let llm = Replicas::new("LLM", &config.llm_addrs, tls.as_ref())?;
         for (name, value) in [
             ("max_images_per_turn", config.max_images_per_turn),
             ("max_image_bytes", config.max_image_bytes),
@@ -163,6 +173,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(tier, listener, shutdown, None).await
+}
+
+/// [`serve`] with TLS (and mutual TLS when the configuration names a client CA).
+pub async fn serve_with(
+    tier: SessionTier,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let service = tier.into_server();
     let routes = match blip2_common::server::standard_routes() {
@@ -178,7 +198,7 @@ pub async fn serve(
             tonic::service::Routes::new(service)
         }
     };
-    tonic::transport::Server::builder()
+    blip2_common::tls::server_builder(tls)?
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -14,10 +14,9 @@ use blip2_proto::v1::vision_service_client::VisionServiceClient;
 use blip2_proto::v1::{
     image_input, Dtype, EncodeRequest, ImageInput, LlmInfo, LlmInfoRequest, SoftPrompt,
 };
-use tonic::transport::{Channel, Endpoint};
-use tonic::Code;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::error::SessionError;
+use crate::error::{unreachable, SessionError};
 
 /// Largest message taken from a tier (a soft prompt is 32 x hidden x 4 bytes at most).
 const MAX_TIER_MESSAGE: usize = 64 << 20;
@@ -38,7 +37,12 @@ pub(crate) struct Replicas {
 }
 
 impl Replicas {
-    pub(crate) fn new(tier: &'static str, addresses: &[String]) -> Result<Self, SessionError> {
+    /// `tls`: how to reach replicas at `https://` addresses (plain `http://` ones ignore it).
+    pub(crate) fn new(
+        tier: &'static str,
+        addresses: &[String],
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, SessionError> {
         if addresses.is_empty() {
             return Err(SessionError::Config(format!(
                 "no {tier} tier address was given"
@@ -47,11 +51,20 @@ impl Replicas {
         let replicas = addresses
             .iter()
             .map(|address| {
+                let config_error = |e: &dyn std::fmt::Display| {
+                    SessionError::Config(format!("{tier} tier address `{address}`: {e}"))
+                };
                 let endpoint = Endpoint::from_shared(address.clone())
-                    .map_err(|e| {
-                        SessionError::Config(format!("{tier} tier address `{address}`: {e}"))
-                    })?
+                    .map_err(|e| config_error(&e))?
                     .connect_timeout(CONNECT_TIMEOUT);
+                let https = address.starts_with("https://");
+                if https && tls.is_none() {
+                    return Err(config_error(
+                        &"an https:// address needs TLS settings (a CA to trust)",
+                    ));
+                }
+                let endpoint = blip2_common::tls::client_endpoint(endpoint, tls.filter(|_| https))
+                    .map_err(|e| config_error(&e))?;
                 Ok(Replica {
                     address: address.clone(),
                     endpoint,
@@ -179,7 +192,7 @@ async fn encode_on(
 ) -> Result<Attempt<Vec<Option<SoftPrompt>>>, SessionError> {
     let mut stream = match client.encode(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) if status.code() == Code::Unavailable => {
+        Err(status) if unreachable(&status) => {
             return Ok(Attempt::Unreachable(status.message().to_string()))
         }
         Err(status) => return Err(SessionError::from_tier("vision", &status)),
@@ -202,7 +215,7 @@ async fn encode_on(
                 received += 1;
             }
             Ok(None) => return Ok(Attempt::Done(prompts)),
-            Err(status) if status.code() == Code::Unavailable && received == 0 => {
+            Err(status) if unreachable(&status) && received == 0 => {
                 return Ok(Attempt::Unreachable(status.message().to_string()))
             }
             Err(status) => return Err(SessionError::from_tier("vision", &status)),
@@ -254,7 +267,7 @@ pub(crate) async fn llm_info(llm: &Replicas, session_id: &str) -> Result<LlmInfo
         };
         match client.info(LlmInfoRequest {}).await {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status) if status.code() == Code::Unavailable => {
+            Err(status) if unreachable(&status) => {
                 last = Some((index, status.message().to_string()));
             }
             Err(status) => return Err(SessionError::from_tier(llm.tier(), &status)),
@@ -272,7 +285,7 @@ mod tests {
         let addresses: Vec<String> = (0..3)
             .map(|i| format!("http://127.0.0.1:{}", 1 + i))
             .collect();
-        let replicas = Replicas::new("LLM", &addresses).unwrap();
+        let replicas = Replicas::new("LLM", &addresses, None).unwrap();
         let first = replicas.round_robin();
         let second = replicas.round_robin();
         assert_ne!(first[0], second[0]);
@@ -284,7 +297,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_addresses() {
-        assert!(Replicas::new("vision", &[]).is_err());
-        assert!(Replicas::new("vision", &["not a uri".to_string()]).is_err());
+        assert!(Replicas::new("vision", &[], None).is_err());
+        assert!(Replicas::new("vision", &["not a uri".to_string()], None).is_err());
+        assert!(Replicas::new("vision", &["https://vision:50051".to_string()], None).is_err());
     }
 }

@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::SessionError;
 use crate::prompt::validate_template;
-use crate::store::Session;
 use crate::SessionTier;
 
 /// Events a turn may have queued for a slow client before the LLM stream waits for it.
@@ -40,7 +39,14 @@ impl SessionService for SessionTier {
                 "the tier holds its limit of {max_sessions} sessions; delete one first"
             ))));
         }
-        let session = Session::new(template, request.default_params.unwrap_or_default());
+        let session = self
+            .session_with_history(
+                template,
+                request.default_params.unwrap_or_default(),
+                request.history,
+            )
+            .await
+            .map_err(status)?;
         let message = session.to_message();
         self.inner
             .sessions

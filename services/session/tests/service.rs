@@ -223,6 +223,7 @@ async fn template_without_question_is_invalid() {
                 ..default_template()
             }),
             default_params: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -66,6 +66,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(tier, listener, shutdown, None).await
+}
+
+/// [`serve`] with TLS (and mutual TLS when the configuration names a client CA).
+pub async fn serve_with(
+    tier: VisionTier,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(), tonic::transport::Error> {
     let (health, routes) = match blip2_common::server::standard_routes() {
         Ok(standard) => standard,
         Err(error) => {
@@ -89,7 +99,7 @@ pub async fn serve(
             .set_service_status("", ServingStatus::NotServing)
             .await;
     };
-    tonic::transport::Server::builder()
+    blip2_common::tls::server_builder(tls)?
         .add_routes(routes)
         .add_service(tier.into_server())
         .serve_with_incoming_shutdown(
