@@ -121,8 +121,12 @@ fn render(template: &str, question: &str, answer: &str) -> String {
 
 /// The text of an earlier turn. A turn without a question (an image alone: BLIP-2 captioning)
 /// is its answer alone.
+/// The answer goes in trimmed, as LAVIS strips generated text before it reuses it: OPT's
+/// answers begin with a space (`Ġword`), which `Answer: {answer}` would double. Trimmed, the
+/// answer re-tokenises to the ids that were generated, so the LLM tier's prefix cache covers
+/// the previous turn's answer as well as its prompt.
 fn past_turn_text(template: &PromptTemplate, question: &str, answer: &str) -> String {
-    let (question, answer) = (sanitize(question), sanitize(answer));
+    let (question, answer) = (sanitize(question), sanitize(answer.trim()));
     if question.is_empty() {
         answer
     } else {

@@ -181,3 +181,17 @@ fn small_budget_drops_oldest_turns_never_the_current_image() {
         Err(SessionError::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn answers_go_in_trimmed_as_lavis_reuses_them() {
+    // OPT's generated text starts with a space; the template must not double it, so the
+    // answer re-tokenises to the generated ids (and the LLM's prefix cache covers it).
+    let turns = vec![turn("what is this?", " a dog \n", &[])];
+    let segments = build_segments(&default_template(), &turns, ("and?", &[]));
+    assert_eq!(
+        segments,
+        vec![text(
+            "Question: what is this? Answer: a dog. Question: and? Answer:"
+        )]
+    );
+}
