@@ -6,8 +6,12 @@
 //! - streams each weight row block ([`R`] rows) once and applies it to all `m` activation rows
 //!   from registers ([`MR`] rows x [`R`] weight rows of accumulators), k-slice by k-slice
 //!   ([`KC`]) so that the block is re-read from L1 for the next group of activation rows;
-//! - reads packed weights ([`super::quant`]) by dequantizing a `R x KC` tile into an L1 buffer
-//!   and running the same inner loop, so all formats share one tested kernel;
+//! - reads int8 / int4 weights ([`super::quant`]) with AVX-512 in fused kernels (`fused`):
+//!   each group of codes is widened to f32 and scaled in registers right before its FMAs, and
+//!   the next row block is prefetched (rows of a few hundred bytes are too short for the
+//!   hardware prefetcher);
+//! - reads the other packed weights (f16, bf16; int8 / int4 without AVX-512) by dequantizing a
+//!   `R x KC` tile into an L1 buffer and running the f32 inner loop;
 //! - splits the output columns over the cores on a spinning helper ([`super::pool`]), because
 //!   one core alone cannot pull the full memory bandwidth.
 //!
@@ -173,6 +177,17 @@ fn rows_task(
     (j0, j1): (usize, usize),
     out: SharedOut,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Weights::Packed(p) = w {
+        if isa == Isa::Avx512 && has_avx512() {
+            if let Some(parts) = p.quant_parts() {
+                // SAFETY: AVX-512F/BW/VL were detected; `matmul_wt` checked the output and
+                // bias lengths and gives this thread columns `j0..j1` alone.
+                unsafe { fused::rows(x, m, k, parts, n, bias, (j0, j1), out) };
+                return;
+            }
+        }
+    }
     let mut acc = vec![0f32; R * m];
     let mut buf = [0f32; R * KC];
     let mut j = j0;
@@ -375,6 +390,321 @@ mod avx512 {
     }
 }
 
+/// int8 / int4 weights dequantized in registers and fused into the dot products (AVX-512):
+/// each group of [`GROUP`] codes of [`R`] weight rows is widened to f32, scaled (and, for int4,
+/// offset) in registers, then applied to up to [`MR`] activation rows at once. The weights are
+/// read once per block of activation rows (from memory for the first, from L1 after), and no
+/// f32 copy of them is ever written.
+/// As [`dispatch_tile`] for 1-2 weight rows and 5-8 activation rows.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch_wide {
+    ($r:expr, $mr:expr, $f:ident, $($arg:expr),*) => {
+        match ($r, $mr) {
+            (2, 8) => $f::<2, 8>($($arg),*),
+            (2, 7) => $f::<2, 7>($($arg),*),
+            (2, 6) => $f::<2, 6>($($arg),*),
+            (2, 5) => $f::<2, 5>($($arg),*),
+            (1, 8) => $f::<1, 8>($($arg),*),
+            (1, 7) => $f::<1, 7>($($arg),*),
+            (1, 6) => $f::<1, 6>($($arg),*),
+            _ => $f::<1, 5>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use super::{SharedOut, MR, R};
+    use crate::kernels::quant::{QuantParts, GROUP};
+
+    /// How many row blocks ahead the codes are prefetched.
+    const PF: usize = 2;
+
+    /// Rows `j0..j1` of `y = x · Wᵀ (+ bias)` for a quantized `W`; see [`super::rows_task`].
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL must be available ([`super::has_avx512`]); `y` (behind `out`) holds
+    /// `[m, n]` values, `bias` (if any) `n`, and no other thread writes columns `j0..j1`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn rows(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        parts: QuantParts<'_>,
+        n: usize,
+        bias: Option<&[f32]>,
+        (j0, j1): (usize, usize),
+        out: SharedOut,
+    ) {
+        let g = k.div_ceil(GROUP);
+        assert!(
+            x.len() >= m * k && j1 <= n,
+            "fused gemv: x or row range out of bounds"
+        );
+        let (q, qs, scales, mins) = match parts {
+            QuantParts::Int8 { q, scales } => (q, k, scales, None),
+            QuantParts::Int4 { q, scales, mins } => (q, g * GROUP / 2, scales, Some(mins)),
+        };
+        assert!(
+            q.len() >= n * qs && scales.len() >= n * g && mins.is_none_or(|v| v.len() >= n * g),
+            "fused gemv: packed weight shorter than its shape"
+        );
+        let bp = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        let mut j = j0;
+        while j < j1 {
+            let r = R.min(j1 - j);
+            let mut i = 0;
+            while i < m {
+                // Up to 8 activation rows against 2 weight rows (16 accumulators) when there
+                // are many: the dequantization is then shared by more FMAs than with 4 x 4.
+                let mr = if m - i > MR {
+                    (2 * MR).min(m - i)
+                } else {
+                    m - i
+                };
+                let (rstep, r) = if mr > MR { (2, r) } else { (r, r) };
+                let mut rr0 = 0;
+                while rr0 < r {
+                    let rl = rstep.min(r - rr0);
+                    let jj = j + rr0;
+                    // SAFETY: AVX-512F/BW/VL were detected (caller); `i + mr <= m`,
+                    // `jj + rl <= j1 <= n`, `rl <= 2` when `mr > MR`; the slices' lengths were
+                    // asserted above, `bias` has `n` values (`matmul_wt`) and this thread alone
+                    // writes columns `j0..j1`.
+                    unsafe { tile(x, i, mr, k, q, qs, scales, mins, g, jj, rl, n, bp, out) };
+                    rr0 += rl;
+                }
+                i += mr;
+            }
+            j += r;
+        }
+    }
+
+    /// Output rows `i..i + mr`, columns `j..j + r` of `y = x · Wᵀ (+ bias)`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL must be available; `i + mr <= m`, `j + r <= n`, `mr <= 2 * MR`,
+    /// `r <= R` (`r <= 2` when `mr > MR`), the slices hold their `[m, k]` / `[n, ..]` shapes,
+    /// `bp` is null or points at `n` biases, `out` at an `[m, n]` output whose rows
+    /// `i..i + mr`, columns `j..j + r` no other thread touches.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        x: &[f32],
+        i: usize,
+        mr: usize,
+        k: usize,
+        q: &[u8],
+        qs: usize,
+        scales: &[f32],
+        mins: Option<&[f32]>,
+        g: usize,
+        j: usize,
+        r: usize,
+        n: usize,
+        bp: *const f32,
+        out: SharedOut,
+    ) {
+        let a = Args {
+            x: x[i * k..].as_ptr(),
+            xs: k,
+            q: q[j * qs..].as_ptr(),
+            qs,
+            s: scales[j * g..].as_ptr(),
+            mn: mins.map_or(std::ptr::null(), |v| v[j * g..].as_ptr()),
+            gs: g,
+            k,
+            // SAFETY: `i < m`, `j < n`: inside the `[m, n]` output (contract).
+            y: unsafe { out.0.add(i * n + j) },
+            ys: n,
+            b: if bp.is_null() {
+                bp
+            } else {
+                // SAFETY: `j < n` and the bias holds `n` values (contract).
+                unsafe { bp.add(j) }
+            },
+        };
+        // SAFETY: the contract above is what the kernels need.
+        unsafe {
+            match (mr > MR, a.mn.is_null()) {
+                (false, true) => dispatch_tile!(r, mr, int8, a),
+                (false, false) => dispatch_tile!(r, mr, int4, a),
+                (true, true) => dispatch_wide!(r, mr, int8, a),
+                (true, false) => dispatch_wide!(r, mr, int4, a),
+            }
+        }
+    }
+
+    /// Raw operands of one `RR x M` tile.
+    #[derive(Clone, Copy)]
+    struct Args {
+        /// `M` activation rows of `k` at stride `xs`.
+        x: *const f32,
+        xs: usize,
+        /// `RR` code rows at stride `qs` bytes.
+        q: *const u8,
+        qs: usize,
+        /// `RR` rows of scales (and int4 minima) at stride `gs`.
+        s: *const f32,
+        mn: *const f32,
+        gs: usize,
+        k: usize,
+        /// Output `y[i * ys + rr]`, bias `b[rr]` (null: none).
+        y: *mut f32,
+        ys: usize,
+        b: *const f32,
+    }
+
+    /// # Safety
+    /// See [`rows`]: AVX-512F/BW/VL, and `a` describes valid int8 operands.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn int8<const RR: usize, const M: usize>(a: Args) {
+        // SAFETY: forwarded.
+        unsafe { kernel::<RR, M, false>(a) }
+    }
+
+    /// # Safety
+    /// See [`rows`]: AVX-512F/BW/VL, and `a` describes valid int4 operands.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn int4<const RR: usize, const M: usize>(a: Args) {
+        // SAFETY: forwarded.
+        unsafe { kernel::<RR, M, true>(a) }
+    }
+
+    /// Group `gi` (elements `t..t + 32` of a row, masked to `ma` / `mb` per half) of weight row
+    /// `rr`, dequantized as two vectors of 16.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL; the group lies inside row `rr` of `a` (masked-off bytes are not read).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn weights<const INT4: bool>(
+        a: &Args,
+        rr: usize,
+        gi: usize,
+        ma: __mmask16,
+        mb: __mmask16,
+    ) -> (__m512, __m512) {
+        // SAFETY: the caller's contract; int4 groups are stored whole (padded), int8 ones are
+        // read under the masks.
+        unsafe {
+            let s = _mm512_set1_ps(*a.s.add(rr * a.gs + gi));
+            if INT4 {
+                let mn = _mm512_set1_ps(*a.mn.add(rr * a.gs + gi));
+                let p = a.q.add(rr * a.qs + gi * GROUP / 2) as *const __m128i;
+                let bytes = _mm_loadu_si128(p);
+                let nib = _mm_set1_epi8(15);
+                let lo = _mm_and_si128(bytes, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                (_mm512_fmadd_ps(lo, s, mn), _mm512_fmadd_ps(hi, s, mn))
+            } else {
+                let p = a.q.add(rr * a.qs + gi * GROUP) as *const i8;
+                let lo = _mm_maskz_loadu_epi8(ma, p);
+                // `wrapping_add`: in a partial last group this may point past the codes; `mb`
+                // then masks every byte off.
+                let hi = _mm_maskz_loadu_epi8(mb, p.wrapping_add(16));
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+                (_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s))
+            }
+        }
+    }
+
+    /// One group for all `RR x M` accumulators.
+    ///
+    /// # Safety
+    /// As for [`weights`]; `x` rows hold the group's elements not masked off.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn group<const RR: usize, const M: usize, const INT4: bool>(
+        a: &Args,
+        gi: usize,
+        ma: __mmask16,
+        mb: __mmask16,
+        acc: &mut [[__m512; RR]; M],
+    ) {
+        // SAFETY: the caller's contract; x is read under the masks.
+        unsafe {
+            // The rows of a block are contiguous and short (k bytes, k / 2 for int4), too short
+            // for the hardware prefetcher to ramp up on each: fetch the next block's group now.
+            // A prefetch never faults; `wrapping_add` as it may point past the codes.
+            // One prefetch per 64 bytes of each row (a cache line).
+            let bytes = if INT4 { GROUP / 2 } else { GROUP };
+            if (gi * bytes).is_multiple_of(64) {
+                for rr in 0..RR {
+                    let p = a.q.wrapping_add((rr + PF * RR) * a.qs + gi * bytes);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
+            }
+            if !INT4 && M == 1 {
+                // One activation row: sum the raw codes' products first and scale the group's
+                // partial sum once (one multiply per group instead of one per 16 codes).
+                let xp = a.x.add(gi * GROUP);
+                let xa = _mm512_maskz_loadu_ps(ma, xp);
+                let xb = _mm512_maskz_loadu_ps(mb, xp.wrapping_add(16));
+                for (rr, c) in acc[0].iter_mut().enumerate() {
+                    let s = _mm512_set1_ps(*a.s.add(rr * a.gs + gi));
+                    let p = a.q.add(rr * a.qs + gi * GROUP) as *const i8;
+                    let lo = _mm_maskz_loadu_epi8(ma, p);
+                    let hi = _mm_maskz_loadu_epi8(mb, p.wrapping_add(16));
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+                    let g = _mm512_fmadd_ps(xb, hi, _mm512_mul_ps(xa, lo));
+                    *c = _mm512_fmadd_ps(g, s, *c);
+                }
+                return;
+            }
+            let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); RR];
+            for (rr, v) in w.iter_mut().enumerate() {
+                *v = weights::<INT4>(a, rr, gi, ma, mb);
+            }
+            let t = gi * GROUP;
+            for (i, ai) in acc.iter_mut().enumerate() {
+                let xp = a.x.add(i * a.xs + t);
+                let xa = _mm512_maskz_loadu_ps(ma, xp);
+                let xb = _mm512_maskz_loadu_ps(mb, xp.wrapping_add(16));
+                for (c, (wa, wb)) in ai.iter_mut().zip(&w) {
+                    *c = _mm512_fmadd_ps(xa, *wa, *c);
+                    *c = _mm512_fmadd_ps(xb, *wb, *c);
+                }
+            }
+        }
+    }
+
+    /// `y[i][rr] = Σ_t x[i][t] · w[rr][t] (+ b[rr])` for `RR` weight rows and `M` activation rows.
+    ///
+    /// # Safety
+    /// See [`rows`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn kernel<const RR: usize, const M: usize, const INT4: bool>(a: Args) {
+        let mut acc = [[_mm512_setzero_ps(); RR]; M];
+        let full = a.k / GROUP;
+        // SAFETY (whole body): groups `0..full` are whole; the last, partial one is read under
+        // masks covering its `k % GROUP` elements; outputs as `rows` checked.
+        unsafe {
+            for gi in 0..full {
+                group::<RR, M, INT4>(&a, gi, 0xFFFF, 0xFFFF, &mut acc);
+            }
+            let rest = a.k - full * GROUP;
+            if rest > 0 {
+                let ma = ((1u32 << rest.min(16)) - 1) as __mmask16;
+                let mb = ((1u32 << rest.saturating_sub(16)) - 1) as __mmask16;
+                group::<RR, M, INT4>(&a, full, ma, mb, &mut acc);
+            }
+            for (i, ai) in acc.iter().enumerate() {
+                for (rr, v) in ai.iter().enumerate() {
+                    let b = if a.b.is_null() { 0.0 } else { *a.b.add(rr) };
+                    *a.y.add(i * a.ys + rr) = _mm512_reduce_add_ps(*v) + b;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -532,6 +862,98 @@ mod tests {
             matmul_wt(&x, m, k, Weights::F32(&w), n, Some(&b), &mut got);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
+            }
+        }
+    }
+
+    /// The fused int8 / int4 kernels (AVX-512) and the dequantize-into-L1 path (every ISA)
+    /// against a naive matmul with the dequantized weights.
+    #[test]
+    fn quantized_kernels_match_dequantized_reference() {
+        for format in [WeightFormat::Int8, WeightFormat::Int4] {
+            for (k, n) in [(32, 1), (64, 7), (96, 13), (768, 9), (45, 5), (1000, 3)] {
+                let w = values(n * k, 9);
+                let p = PackedMatrix::quantize(&w, n, k, format).unwrap().unwrap();
+                let deq = p.dequantize().unwrap();
+                for m in 1..=17 {
+                    let x = values(m * k, m);
+                    let b = values(n, 10);
+                    let b = (m % 2 == 1).then_some(&b[..]);
+                    let want = naive(&x, m, k, &deq, n, b);
+                    for isa in isas() {
+                        let mut got = vec![f32::NAN; m * n];
+                        let out = SharedOut(got.as_mut_ptr());
+                        p.with_view(|v| {
+                            rows_task(isa, &x, m, k, Weights::Packed(&v), n, b, (0, n), out)
+                        })
+                        .unwrap();
+                        for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                "{format} {isa:?} m={m} k={k} n={n} at {idx}: {g} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_quantized_entry_point_matches_reference() {
+        for format in [WeightFormat::Int8, WeightFormat::Int4] {
+            for (m, k, n) in [(1, 768, 2305), (8, 3072, 771), (16, 128, 4099)] {
+                let x = values(m * k, 11);
+                let w = values(n * k, 12);
+                let b = values(n, 13);
+                let p = PackedMatrix::quantize(&w, n, k, format).unwrap().unwrap();
+                let want = naive(&x, m, k, &p.dequantize().unwrap(), n, Some(&b));
+                let mut got = vec![0f32; m * n];
+                p.with_view(|v| matmul_wt(&x, m, k, Weights::Packed(&v), n, Some(&b), &mut got))
+                    .unwrap();
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{format}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `cargo test --release -p blip2-model --lib gemv_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn gemv_speed() {
+        for (m, k, n) in [
+            (1, 768, 3072),
+            (1, 3072, 768),
+            (1, 768, 50272),
+            (8, 768, 3072),
+        ] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            let mut y = vec![0f32; m * n];
+            for format in [WeightFormat::F32, WeightFormat::Int8, WeightFormat::Int4] {
+                let p = PackedMatrix::quantize(&w, n, k, format).unwrap();
+                let mut run = || match &p {
+                    None => matmul_wt(&x, m, k, Weights::F32(&w), n, None, &mut y),
+                    Some(p) => p
+                        .with_view(|v| matmul_wt(&x, m, k, Weights::Packed(&v), n, None, &mut y))
+                        .unwrap(),
+                };
+                run();
+                let mut best = f64::MAX;
+                for _ in 0..50 {
+                    let t = std::time::Instant::now();
+                    run();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "m={m} k={k} n={n} {format}: best {:.1} us, {:.1} Gweights/s",
+                    best * 1e6,
+                    (n * k) as f64 / best / 1e9
+                );
             }
         }
     }

@@ -8,9 +8,12 @@
 //!
 //! Why not candle's `QMatMul` (Q8_0 / Q4_0): its CPU path quantizes the activations to 8 bits
 //! per call as well (an extra error on top of the weights'), and it cannot hold f16/bf16, so it
-//! would give two code paths for four formats. Its speed was not compared here. The formats
-//! here dequantize a weight tile into L1 and reuse the f32 kernel ([`super::gemv`]), so every
-//! format shares one tested inner loop.
+//! would give two code paths for four formats. Its speed was not compared here. With AVX-512,
+//! int8 and int4 are dequantized in registers inside the dot products ([`super::gemv`]'s fused
+//! kernels: widen, convert, scale, FMA), with exact f32 arithmetic on the dequantized weights;
+//! f16 / bf16, and every format without AVX-512, dequantize a weight tile into L1 and reuse the
+//! f32 kernel. Dequantizing through L1 doubled the work per weight and made int8 decode
+//! compute-bound at about the f32 speed.
 //!
 //! Layouts (all `[n, k]` row-major like `nn.Linear`, groups of [`GROUP`] along `k`):
 //! - int8: symmetric per group, `w ≈ q · scale`, `q ∈ [-127, 127]`;
@@ -245,6 +248,31 @@ impl PackedMatrix {
     /// The whole matrix back in f32 `[n, k]`.
     pub fn dequantize(&self) -> Result<Vec<f32>> {
         self.with_view(|v| v.dequantize())
+    }
+}
+
+/// The codes and per-group parameters of an int8 / int4 view, for the fused kernels of
+/// [`super::gemv`] that dequantize in registers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum QuantParts<'a> {
+    /// `[n, k]` codes (i8 bits), `[n, groups]` scales.
+    Int8 { q: &'a [u8], scales: &'a [f32] },
+    /// `[n, groups * GROUP / 2]` nibble pairs, `[n, groups]` scales and minima.
+    Int4 {
+        q: &'a [u8],
+        scales: &'a [f32],
+        mins: &'a [f32],
+    },
+}
+
+impl<'a> PackedView<'a> {
+    /// The int8 / int4 payload as slices; `None` for f16 / bf16.
+    pub(crate) fn quant_parts(&self) -> Option<QuantParts<'a>> {
+        match self.data {
+            ViewData::Int8 { q, scales } => Some(QuantParts::Int8 { q, scales }),
+            ViewData::Int4 { q, scales, mins } => Some(QuantParts::Int4 { q, scales, mins }),
+            ViewData::F16(_) | ViewData::Bf16(_) => None,
+        }
     }
 }
 
