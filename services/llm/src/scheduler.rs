@@ -269,8 +269,8 @@ impl Worker {
             match self.start(job) {
                 Ok(active) => self.active.push(active),
                 Err(error) => {
-                    let _ = events.send(Event::Failed(error));
                     self.stats.completed.fetch_add(1, Ordering::SeqCst);
+                    let _ = events.send(Event::Failed(error));
                 }
             }
         }
@@ -490,16 +490,26 @@ impl Worker {
     }
 
     /// Sends the final events of requests that left the batch and keeps their KV for later
-    /// prompts.
+    /// prompts. The figures are updated first, so a client that has its Finish sees the
+    /// generation counted as completed and no longer running.
     fn retire(&mut self) {
+        let mut leaving = Vec::new();
         let mut index = 0;
         while index < self.active.len() {
             if self.active[index].done.is_none() {
                 index += 1;
                 continue;
             }
-            let a = self.active.swap_remove(index);
-            self.stats.completed.fetch_add(1, Ordering::SeqCst);
+            leaving.push(self.active.swap_remove(index));
+        }
+        if leaving.is_empty() {
+            return;
+        }
+        self.stats
+            .completed
+            .fetch_add(leaving.len() as u64, Ordering::SeqCst);
+        self.publish();
+        for a in leaving {
             let span = a.span.clone();
             let _span = span.enter();
             match a.done {

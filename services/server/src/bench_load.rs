@@ -52,6 +52,11 @@ pub struct LoadArgs {
     /// Side of the generated random images, in pixels.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
+    /// Seed of the random images (session `s` gets seed + s). Default: from the clock, so that
+    /// repeated runs against the same server (e.g. at rising concurrency) never find earlier
+    /// runs' images in the vision cache or their prompts in the prefix cache.
+    #[arg(long)]
+    image_seed: Option<u64>,
     /// Text of the first turn.
     #[arg(long, default_value = "What is in the picture?")]
     question: String,
@@ -144,10 +149,19 @@ async fn drive(args: &LoadArgs) -> Result<LoadResult> {
         }
         None => None,
     };
-    let image_for = |seed: u64| -> Vec<u8> {
-        fixed_image
-            .clone()
-            .unwrap_or_else(|| random_bmp(args.image_size, args.image_size, seed))
+    let image_seed = args.image_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let image_for = |index: u64| -> Vec<u8> {
+        fixed_image.clone().unwrap_or_else(|| {
+            random_bmp(
+                args.image_size,
+                args.image_size,
+                image_seed.wrapping_add(index),
+            )
+        })
     };
     let params = GenerationParams {
         max_new_tokens: Some(args.new_tokens),
