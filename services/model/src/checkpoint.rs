@@ -279,6 +279,34 @@ impl SimpleBackend for SharedStore {
     }
 }
 
+/// A weight source that serves every requested tensor as small uniform random values in
+/// [-0.05, 0.05): the arithmetic of a real checkpoint of any shape, without one, for benchmarks
+/// and timing tests. Not zeros: an all-zero allocation maps the kernel's shared zero page, so
+/// decode would read no memory and look faster than it can be. It holds no tensor of its own,
+/// so OPT's lm_head is tied to embed_tokens, as in the released checkpoints.
+pub struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        _name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no stored shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

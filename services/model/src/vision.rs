@@ -457,29 +457,7 @@ mod tests {
     use super::*;
     use crate::config::Blip2Config;
 
-    /// Serves every tensor as small uniform random values (as `blip2 bench`).
-    struct RandomWeights;
-
-    impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-        fn get(
-            &self,
-            shape: candle_core::Shape,
-            _name: &str,
-            _init: candle_nn::Init,
-            dtype: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-            candle_core::bail!("no stored shape for `{name}`")
-        }
-
-        fn contains_tensor(&self, _name: &str) -> bool {
-            false
-        }
-    }
+    use crate::checkpoint::RandomWeights;
 
     /// Per-part encode timing at bench.rs's "base" shape:
     /// `cargo test --release -p blip2-model --lib encode_parts -- --ignored --nocapture`.

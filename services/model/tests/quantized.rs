@@ -255,30 +255,7 @@ mod throughput {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
 
-    /// Small uniform random values for every tensor (not zeros: an all-zero allocation maps
-    /// the shared zero page and would read no memory).
-    struct RandomWeights;
-
-    impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-        fn get(
-            &self,
-            shape: candle_core::Shape,
-            _name: &str,
-            _init: candle_nn::Init,
-            dtype: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-            candle_core::bail!("no stored shape for `{name}`")
-        }
-
-        fn contains_tensor(&self, _name: &str) -> bool {
-            false
-        }
-    }
+    use blip2_model::checkpoint::RandomWeights;
 
     fn decode(lm: &Opt, batch: usize, tokens: usize) -> f64 {
         let prompt = Tensor::rand(-1f32, 1.0, (40, lm.info().hidden_size), &Device::Cpu).unwrap();

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use blip2_model::checkpoint::RandomWeights;
 use blip2_model::config::{Blip2Config, TextConfig};
 use blip2_model::llm::{LanguageModel, StepInput};
 use blip2_model::opt::Opt;
@@ -15,31 +16,6 @@ use blip2_model::vision::VisionModel;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
-
-/// Serves every requested tensor as small uniform random values.
-struct RandomWeights;
-
-impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        _name: &str,
-        _init: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        Tensor::rand(-0.05f32, 0.05, shape, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("bench weights have no stored shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        // No lm_head of its own: OPT ties it to embed_tokens, as the released checkpoints do.
-        false
-    }
-}
 
 /// A named shape to benchmark.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
