@@ -7,17 +7,16 @@
 //! greedy and beam ids equal. A greedy divergence at a step whose reference top-2 margin is under
 //! 1e-4 is excused and reported.
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use blip2_model::generation::{self, EarlyStopping, GenerationParams};
 use blip2_model::model::{Blip2Model, LoadOptions};
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
 use serde::Deserialize;
 
 #[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
-use common::{fixtures, max_abs_diff};
+use common::{cases, fixtures, goldens, max_abs_diff};
 
 const TOLERANCE: f32 = 1e-4;
 const PIXEL_TOLERANCE: f32 = 0.015;
@@ -58,17 +57,6 @@ fn load(name: &str) -> Blip2Model {
         &LoadOptions::default(),
     )
     .unwrap_or_else(|e| panic!("loading {name}: {e}"))
-}
-
-fn cases(name: &str) -> Vec<Case> {
-    let path = fixtures().join("goldens").join(name).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
-}
-
-fn goldens(name: &str, file: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join("goldens").join(name).join(file);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{path:?}: {e}"))
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tolerance: f32) {
@@ -168,7 +156,7 @@ fn check_pixels(name: &str) {
 fn check_checkpoint(name: &str) {
     eprintln!("checkpoint {name}");
     let model = load(name);
-    for case in cases(name) {
+    for case in cases::<Case>(name) {
         eprintln!(" case {}", case.name);
         let golden = goldens(name, &format!("{}.safetensors", case.name));
         let encoding = model.encode_pixels(&golden["pixel_values"]).unwrap();
@@ -281,7 +269,7 @@ fn pixel_values_match_pillow() {
 fn encoding_our_own_pixels_stays_close() {
     // End to end from image bytes: the pixel step's tiny differences must not blow up.
     let model = load("opt-a");
-    let case = &cases("opt-a")[0];
+    let case = &cases::<Case>("opt-a")[0];
     let golden = goldens("opt-a", &format!("{}.safetensors", case.name));
     let bytes = std::fs::read(fixtures().join("images").join(&case.images[0])).unwrap();
     let encoding = model.encode_images(&[bytes.as_slice()]).unwrap();

@@ -13,18 +13,17 @@
 //! `decode_throughput` (ignored; run with `--release -- --ignored --nocapture`) times decode
 //! at OPT-125m dims with random weights, as `blip2 bench` does, for every format.
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use blip2_model::generation::{self, GenerationParams};
 use blip2_model::linear::WeightFormat;
 use blip2_model::model::{Blip2Model, LoadOptions};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use serde::Deserialize;
 
 #[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
-use common::fixtures;
+use common::{cases, fixtures, goldens};
 
 const CHECKPOINTS: [&str; 4] = ["opt-a", "opt-b", "t5-a", "t5-b"];
 
@@ -82,17 +81,6 @@ fn load(name: &str, format: WeightFormat) -> Blip2Model {
         .unwrap_or_else(|e| panic!("loading {name} ({format}): {e}"))
 }
 
-fn cases(name: &str) -> Vec<Case> {
-    let path = fixtures().join("goldens").join(name).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
-}
-
-fn goldens(name: &str, file: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join("goldens").join(name).join(file);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{path:?}: {e}"))
-}
-
 fn abs_values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
         .unwrap()
@@ -123,7 +111,7 @@ impl Quality {
 fn measure(name: &str, format: WeightFormat) -> Quality {
     let model = load(name, format);
     let mut quality = Quality::default();
-    for case in cases(name) {
+    for case in cases::<Case>(name) {
         let golden = goldens(name, &format!("{}.safetensors", case.name));
         let prompt = model.build_prompt(&case.prompt, case.images.len()).unwrap();
         let soft: Vec<Tensor> = (0..case.images.len())
