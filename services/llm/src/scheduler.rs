@@ -415,7 +415,7 @@ impl Worker {
             .forward_ragged(&inputs, &mut refs)
             .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
         drop(refs);
-        let logits = match logits {
+        let mut logits = match logits {
             Ok(logits) => logits,
             Err(error) => {
                 tracing::error!(%error, "batched step failed");
@@ -439,7 +439,7 @@ impl Worker {
             while end < rows.len() && rows[end].0 == i {
                 end += 1;
             }
-            let mut block = logits[start * vocab..end * vocab].to_vec();
+            let block = &mut logits[start * vocab..end * vocab];
             let Some(a) = self.active.get_mut(i) else {
                 start = end;
                 continue;
@@ -452,10 +452,10 @@ impl Worker {
                         if let Some(cache) = a.caches.first() {
                             self.prefix.insert(a.keys.clone(), cache.clone());
                         }
-                        first_logits(a, &mut block, vocab);
+                        first_logits(a, block, vocab);
                     }
                 }
-                Row::Decode => decode_logits(a, &mut block, vocab),
+                Row::Decode => decode_logits(a, block, vocab),
             }
             start = end;
         }
