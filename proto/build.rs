@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "blip2/v1/vision.proto",
         "blip2/v1/llm.proto",
         "blip2/v1/session.proto",
+        "blip2/v1/retrieval.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

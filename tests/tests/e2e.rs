@@ -85,6 +85,7 @@ async fn chat(
             max_new_tokens: Some(MAX_NEW_TOKENS),
             ..Default::default()
         }),
+        idempotency_key: String::new(),
     };
     let mut stream = client.chat(request).await?.into_inner();
     let mut pieces = Vec::new();
@@ -313,6 +314,7 @@ async fn sessions_are_isolated_and_errors_leave_them_unchanged() {
             source: Some(turn_image::Source::Data(b"not an image".to_vec())),
         }],
         params: None,
+        idempotency_key: String::new(),
     };
     let status = match bad.chat(request).await {
         Err(status) => status,

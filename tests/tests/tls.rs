@@ -102,6 +102,7 @@ async fn chat_once(channel: Channel) -> Result<String, tonic::Status> {
             max_new_tokens: Some(4),
             ..Default::default()
         }),
+        idempotency_key: String::new(),
     };
     let mut stream = client.chat(request).await?.into_inner();
     while let Some(event) = stream.next().await {

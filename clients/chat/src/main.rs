@@ -74,6 +74,7 @@ impl Chat {
             text: text.to_string(),
             images,
             params: Some(self.params.clone()),
+            idempotency_key: String::new(),
         };
         let mut stream = self.client.chat(request).await?.into_inner();
         let mut stdout = std::io::stdout();

@@ -300,6 +300,7 @@ impl Gateway {
             text: conversation.current.text.clone(),
             images: turn_images(&conversation.current),
             params: Some(params),
+            idempotency_key: String::new(),
         };
         let request =
             with_auth(message, session.authorization.as_deref()).map_err(|e| match e {

@@ -18,6 +18,10 @@ pub enum Error {
     /// Setup and soft prompts did not all arrive in time (DEADLINE_EXCEEDED).
     #[error("`setup` and one soft prompt per image placeholder must arrive within {seconds:.1} s")]
     SetupTimeout { seconds: f64 },
+    /// The client's deadline (`grpc-timeout`) passed before the generation ended
+    /// (DEADLINE_EXCEEDED); the sequence is cancelled.
+    #[error("the call's deadline passed after {elapsed_ms} ms; the generation was stopped")]
+    DeadlineExceeded { elapsed_ms: u128 },
     /// The tier's model was loaded without its language model (FAILED_PRECONDITION).
     #[error("this LLM tier was started without a language model")]
     NoLanguageModel,
@@ -51,6 +55,7 @@ impl Error {
             Error::CheckpointMismatch { .. } => "checkpoint_mismatch",
             Error::Overloaded { .. } => "overloaded",
             Error::SetupTimeout { .. } => "setup_timeout",
+            Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::NoLanguageModel => "no_language_model",
             Error::SoftPrompt { .. } => "soft_prompt",
             Error::Model(e) => e.error_type(),
@@ -70,7 +75,9 @@ impl From<Error> for Status {
                 Status::failed_precondition(error.to_string())
             }
             Error::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
-            Error::SetupTimeout { .. } => Status::deadline_exceeded(error.to_string()),
+            Error::SetupTimeout { .. } | Error::DeadlineExceeded { .. } => {
+                Status::deadline_exceeded(error.to_string())
+            }
             Error::Model(e) => blip2_common::status::model_error(&e),
             Error::Worker(_) => Status::internal(error.to_string()),
             Error::Transport(status) => status,

@@ -23,6 +23,7 @@
 
 pub mod error;
 mod messages;
+mod metrics;
 pub mod params;
 mod prefix;
 pub mod prompt;
@@ -65,6 +66,12 @@ pub struct LlmConfig {
     pub max_new_tokens_limit: usize,
     /// Time for a call to send `setup` and all its soft prompts (DEADLINE_EXCEEDED beyond).
     pub setup_timeout: Duration,
+    /// After SIGTERM, how long running generations may go on before they are cut.
+    pub shutdown_grace: Duration,
+    /// Shortest time one batched step takes (default zero: as fast as the model runs). Only
+    /// for tests and demos that need streams longer than a tiny checkpoint makes (deadlines,
+    /// faults, shutdown while streaming); it slows every stream of the tier.
+    pub min_step_time: Duration,
 }
 
 impl Default for LlmConfig {
@@ -76,6 +83,8 @@ impl Default for LlmConfig {
             prefix_cache_bytes: 1 << 30,
             max_new_tokens_limit: 512,
             setup_timeout: Duration::from_secs(30),
+            shutdown_grace: blip2_common::server::DEFAULT_SHUTDOWN_GRACE,
+            min_step_time: Duration::ZERO,
         }
     }
 }
@@ -122,6 +131,7 @@ impl LlmTier {
                 max_sequences: config.max_concurrency,
                 prefill_chunk: config.prefill_chunk,
                 prefix_cache_bytes: config.prefix_cache_bytes,
+                min_step_time: config.min_step_time,
             },
         )?;
         let inner = Inner {
@@ -155,6 +165,12 @@ impl LlmTier {
         self.inner.scheduler.stats.completed.load(Ordering::SeqCst)
     }
 
+    /// What the tier's metrics endpoint reads (while the tier lives).
+    pub fn metrics(&self) -> std::sync::Weak<dyn blip2_common::metrics::Collect> {
+        let inner: std::sync::Weak<Inner> = Arc::downgrade(&self.inner);
+        inner
+    }
+
     /// The gRPC service, accepting messages as large as one f32 soft prompt of this checkpoint.
     pub fn into_server(self) -> LlmServiceServer<LlmTier> {
         let config = self.inner.model.config();
@@ -168,7 +184,8 @@ impl LlmTier {
 }
 
 /// Serves the tier (+ grpc.health.v1, SERVING for "blip2.v1.LlmService" and "", and
-/// reflection) on `listener` until `shutdown` resolves.
+/// reflection) on `listener` until `shutdown` resolves; then shuts down gracefully
+/// ([`blip2_common::server::serve_gracefully`], `LlmConfig::shutdown_grace`).
 pub async fn serve(
     tier: LlmTier,
     listener: TcpListener,
@@ -203,9 +220,26 @@ pub async fn serve_with(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
-    blip2_common::tls::server_builder(tls)?
-        .add_routes(routes)
-        .add_service(tier.into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    // Shutdown: NOT_SERVING and new calls refused, running generations get the grace period,
+    // then are cut (which cancels their sequences).
+    let grace = tier.inner.config.shutdown_grace;
+    let drain = blip2_common::server::Drain::new();
+    blip2_common::metrics::registry().register(tier.metrics());
+    let builder = blip2_common::tls::server_builder(tls)?
+        .layer(drain.layer())
+        .layer(blip2_common::rpc::RpcLayer::new("llm"));
+    let not_serving = async move {
+        health.set_not_serving::<LlmServiceServer<LlmTier>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    let server = move |stop| {
+        let mut builder = builder;
+        builder
+            .add_routes(routes)
+            .add_service(tier.into_server())
+            .serve_with_incoming_shutdown(incoming, stop)
+    };
+    blip2_common::server::serve_gracefully(server, drain, shutdown, not_serving, grace).await
 }

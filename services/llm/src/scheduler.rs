@@ -40,6 +40,8 @@ pub(crate) struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Bytes of KV the prefix cache may hold (0: no prefix cache).
     pub prefix_cache_bytes: usize,
+    /// Shortest time a step with running requests takes (see `LlmConfig::min_step_time`).
+    pub min_step_time: std::time::Duration,
 }
 
 /// What the scheduler tells a call.
@@ -61,6 +63,8 @@ pub(crate) struct Job {
     /// Set by the call when its client left or broke the protocol.
     pub cancel: Arc<AtomicBool>,
     pub span: tracing::Span,
+    /// Open while the request waits for a slot (closed when it joins the batch).
+    pub queue: tracing::Span,
 }
 
 /// Live figures of the scheduler.
@@ -158,6 +162,8 @@ struct Active {
     events: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     span: tracing::Span,
+    /// `prefill` while the prompt is read, then `decode` (children of `span`).
+    phase: tracing::Span,
     /// Sequence slots taken.
     width: usize,
     prompt_len: usize,
@@ -224,10 +230,17 @@ impl Worker {
             while let Ok(job) = self.jobs.try_recv() {
                 self.waiting.push_back(job);
             }
+            let started = std::time::Instant::now();
             let step = catch_unwind(AssertUnwindSafe(|| {
                 self.admit();
                 self.step();
             }));
+            if !self.active.is_empty() {
+                // A paced tier (tests, demos): decode no faster than one step per period.
+                if let Some(rest) = self.config.min_step_time.checked_sub(started.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
             if step.is_err() {
                 tracing::error!("the scheduler step panicked; failing the running batch");
                 for a in &mut self.active {
@@ -278,6 +291,7 @@ impl Worker {
 
     /// Turns a request into a batch member: embeddings, decoder, prefix-cache lookup.
     fn start(&mut self, job: Job) -> Result<Active, Error> {
+        drop(job.queue);
         let _span = job.span.enter();
         let lm = self.lm.as_ref().ok_or(Error::NoLanguageModel)?;
         let request = &job.request;
@@ -341,6 +355,12 @@ impl Worker {
             events: job.events,
             cancel: job.cancel,
             span: job.span.clone(),
+            phase: tracing::info_span!(
+                parent: &job.span,
+                "prefill",
+                prompt_tokens = prompt_len,
+                cached_prompt_tokens = prefilled
+            ),
             width,
             prompt_len,
             keys,
@@ -544,6 +564,8 @@ fn cancel(a: &mut Active) {
 
 /// The prompt's logits: the first token, or the first step of a beam search.
 fn first_logits(a: &mut Active, logits: &mut [f32], vocab: usize) {
+    a.phase = tracing::Span::none();
+    a.phase = tracing::info_span!(parent: &a.span, "decode");
     let beams = match &a.decoder {
         Decoder::Single(_) => None,
         Decoder::Beam { search, .. } => Some(search.num_beams()),

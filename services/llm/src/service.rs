@@ -4,10 +4,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use blip2_common::deadline::expired;
 use blip2_common::soft_prompt::wire_dtype;
 use blip2_proto::v1::llm_service_server::LlmService;
 use blip2_proto::v1::{GenerateInput, GenerateOutput, LlmInfo, LlmInfoRequest};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -48,8 +50,9 @@ impl LlmService for LlmTier {
             return Err(error.into());
         };
         let (output, receiver) = mpsc::channel(OUTPUT_BUFFER);
+        let deadline = blip2_common::deadline::deadline(&request);
         let inbound = request.into_inner();
-        let call = drive(tier.clone(), inbound, output, admission);
+        let call = drive(tier.clone(), inbound, output, admission, deadline);
         tokio::spawn(call.instrument(tracing::info_span!("generate")));
         // The response starts at once: errors of the input phase arrive as the stream's status,
         // so a client may send its input before or after it sees the response headers.
@@ -92,10 +95,12 @@ async fn drive(
     inbound: Streaming<GenerateInput>,
     output: Output,
     _admission: OwnedSemaphorePermit,
+    deadline: Option<Instant>,
 ) {
-    if let Err(error) = run_call(tier, inbound, &output).await {
+    if let Err(error) = run_call(tier, inbound, &output, deadline).await {
         match &error {
             Error::Transport(status) => tracing::debug!(%status, "client input failed"),
+            Error::DeadlineExceeded { .. } => tracing::debug!(%error, "generate stopped"),
             Error::Model(_) | Error::Worker(_) | Error::NoLanguageModel => {
                 tracing::error!(error_type = error.error_type(), %error, "generate failed")
             }
@@ -110,15 +115,24 @@ async fn run_call(
     tier: Arc<Inner>,
     mut inbound: Streaming<GenerateInput>,
     output: &Output,
+    deadline: Option<Instant>,
 ) -> Result<(), Error> {
+    let started = Instant::now();
+    let past_deadline = || Error::DeadlineExceeded {
+        elapsed_ms: started.elapsed().as_millis(),
+    };
+    let mut clock = crate::metrics::TokenClock::start();
     let timeout = tier.config.setup_timeout;
     let receive = setup::receive(&mut inbound, &tier.model, tier.config.max_new_tokens_limit);
-    let request =
-        tokio::time::timeout(timeout, receive)
-            .await
-            .map_err(|_| Error::SetupTimeout {
+    // The client's deadline bounds the setup too; whichever passes first names the error.
+    let request = tokio::select! {
+        received = tokio::time::timeout(timeout, receive) => received.map_err(|_| {
+            Error::SetupTimeout {
                 seconds: timeout.as_secs_f64(),
-            })??;
+            }
+        })??,
+        () = expired(deadline) => return Err(past_deadline()),
+    };
 
     let cancel = Arc::new(AtomicBool::new(false));
     let logprobs = request.logprobs;
@@ -128,6 +142,7 @@ async fn run_call(
         events,
         cancel: cancel.clone(),
         span: tracing::Span::current(),
+        queue: tracing::info_span!("queue"),
     })?;
 
     // While the model runs, the input must stay silent: a further message breaks the protocol,
@@ -138,12 +153,14 @@ async fn run_call(
         tokio::select! {
             event = receiver.recv() => match event {
                 Some(Event::Token(token)) => {
+                    clock.token();
                     if output.send(Ok(token_message(token, logprobs))).await.is_err() {
                         cancel.store(true, Ordering::Relaxed);
                         return Ok(());
                     }
                 }
                 Some(Event::Finished { output: generation, cached_prompt_tokens }) => {
+                    crate::metrics::finished(&generation);
                     if let Some(finish) = finish_message(&generation, cached_prompt_tokens) {
                         let _ = output.send(Ok(finish)).await;
                     }
@@ -174,6 +191,11 @@ async fn run_call(
                 tracing::debug!("client left; cancelling");
                 cancel.store(true, Ordering::Relaxed);
                 return Ok(());
+            }
+            // tonic's server timeout ends with the response headers: the stream keeps its own.
+            () = expired(deadline) => {
+                cancel.store(true, Ordering::Relaxed);
+                return Err(past_deadline());
             }
         }
     }

@@ -16,6 +16,8 @@
 //! - [`prompt`]: tokenisation and image placeholder expansion.
 //! - [`generation`]: greedy, beam search, sampling, stop sequences, incremental detokenisation.
 //! - [`model`]: [`model::Blip2Model`], the whole pipeline from image to text.
+//! - [`retrieval`]: [`retrieval::RetrievalModel`], image-text retrieval (ITC embeddings, ITM
+//!   matching) on `Blip2ForImageTextRetrieval` checkpoints.
 //! - [`error`]: the crate's error type.
 //! - [`repo_id`]: telling a Hugging Face repo id from a checkpoint path.
 //! - `hub` (cargo feature `hub`): checkpoints by Hugging Face repo id, downloaded into the HF
@@ -37,6 +39,7 @@ pub mod processor;
 pub mod prompt;
 pub mod qformer;
 pub mod repo_id;
+pub mod retrieval;
 pub mod t5;
 pub mod vision;
 

@@ -17,7 +17,7 @@ use crate::linear::Linear;
 use crate::config::{Activation, QFormerConfig};
 use crate::vision::{eager_attention, FastLayerNorm, PackedLinear};
 
-struct MultiHeadAttention {
+pub(crate) struct MultiHeadAttention {
     query: Linear,
     key: Linear,
     value: Linear,
@@ -55,12 +55,23 @@ impl MultiHeadAttention {
 
     /// `states`: the keys/values source (the hidden states themselves, or the image features).
     fn forward(&self, hidden: &Tensor, states: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_masked(hidden, states, None)
+    }
+
+    /// As [`Self::forward`], with an additive mask broadcast onto the scores `[B, heads, t, s]`
+    /// (the text padding mask of the retrieval heads: 0 or `f32::MIN` per key).
+    fn forward_masked(
+        &self,
+        hidden: &Tensor,
+        states: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let q = self.split_heads(&self.query.forward(hidden)?)?;
         let k = self.split_heads(&self.key.forward(states)?)?;
         let v = self.split_heads(&self.value.forward(states)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = eager_attention(&q, &k, &v, scale, None)?;
+        let out = eager_attention(&q, &k, &v, scale, mask)?;
         out.transpose(1, 2)?.reshape((b, t, h))
     }
 }
@@ -90,13 +101,13 @@ impl Output {
 }
 
 /// Attention followed by its output block (Blip2QFormerAttention).
-struct Attention {
+pub(crate) struct Attention {
     attention: MultiHeadAttention,
     output: Output,
 }
 
 impl Attention {
-    fn new(
+    pub(crate) fn new(
         cfg: &QFormerConfig,
         is_cross_attention: bool,
         vb: VarBuilder,
@@ -107,21 +118,32 @@ impl Attention {
         })
     }
 
-    fn forward(&self, hidden: &Tensor, states: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, hidden: &Tensor, states: &Tensor) -> candle_core::Result<Tensor> {
         let attn = self.attention.forward(hidden, states)?;
+        self.output.forward(&attn, hidden)
+    }
+
+    /// Self- or cross-attention with an additive key mask (see `MultiHeadAttention`).
+    pub(crate) fn forward_masked(
+        &self,
+        hidden: &Tensor,
+        states: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let attn = self.attention.forward_masked(hidden, states, mask)?;
         self.output.forward(&attn, hidden)
     }
 }
 
 /// Intermediate dense + activation, then the output block (the FFN of a Q-Former layer).
-struct FeedForward {
+pub(crate) struct FeedForward {
     intermediate: Linear,
     act: Activation,
     output: Output,
 }
 
 impl FeedForward {
-    fn new(
+    pub(crate) fn new(
         cfg: &QFormerConfig,
         intermediate: VarBuilder,
         output: VarBuilder,
@@ -137,7 +159,7 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.act.forward(&self.intermediate.forward(xs)?)?;
         self.output.forward(&h, xs)
     }

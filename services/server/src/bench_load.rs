@@ -307,6 +307,7 @@ async fn session_task(
             text,
             images,
             params: Some(params.clone()),
+            idempotency_key: String::new(),
         };
         let (result, retries) = timed_turn(&mut client, request, plan.max_retries).await;
         if let Some(bar) = &progress {

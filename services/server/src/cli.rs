@@ -31,7 +31,17 @@ enum Command {
     Bench(BenchArgs),
     /// Serve a tier over gRPC (vision, llm, session), or all three in one process.
     #[command(subcommand)]
-    Serve(crate::serve::Tier),
+    // Boxed: the tiers' flags make it by far the largest command.
+    Serve(Box<crate::serve::Tier>),
+    /// API keys of the session tier: `keys new` makes one, `keys hash` hashes one for
+    /// --api-keys-file.
+    #[command(subcommand)]
+    Keys(crate::session_state::KeysCommand),
+    /// Score how well captions match an image (ITM probability, ITC score) with a
+    /// Blip2ForImageTextRetrieval checkpoint.
+    Match(crate::retrieval_cli::MatchArgs),
+    /// Print the normalised ITC embedding(s) of an image or a text (retrieval checkpoint).
+    Embed(crate::retrieval_cli::EmbedArgs),
 }
 
 #[derive(Args, Debug)]
@@ -147,17 +157,27 @@ enum BenchCommand {
     /// N concurrent chat sessions with images against a session tier: TTFT, inter-token
     /// latency, tokens/s, requests/s.
     Load(crate::bench_load::LoadArgs),
+    /// Image-text retrieval: images/s and texts/s embedded (random weights), brute-force search
+    /// latency over 10k and 100k indexed random embeddings.
+    Retrieval(crate::bench_retrieval::RetrievalBenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Encode(args) => encode(args),
-        Command::Serve(tier) => crate::serve::run(tier),
+        Command::Serve(tier) => crate::serve::run(*tier),
+        Command::Keys(command) => crate::session_state::run_keys(command),
+        Command::Match(args) => crate::retrieval_cli::run_match(args),
+        Command::Embed(args) => crate::retrieval_cli::run_embed(args),
         Command::Bench(BenchArgs {
             command: Some(BenchCommand::Load(load)),
             ..
         }) => crate::bench_load::run(load),
+        Command::Bench(BenchArgs {
+            command: Some(BenchCommand::Retrieval(args)),
+            ..
+        }) => crate::bench_retrieval::run(args),
         Command::Bench(args) => {
             let options = bench::BenchOptions {
                 images: args.images,

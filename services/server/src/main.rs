@@ -5,11 +5,15 @@
 
 mod bench;
 mod bench_load;
+mod bench_retrieval;
 mod bench_stats;
 mod cli;
 mod default_model;
 mod http_gateway;
+mod observability;
+mod retrieval_cli;
 mod serve;
+mod session_state;
 
 use std::process::ExitCode;
 

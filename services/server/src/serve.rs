@@ -24,6 +24,9 @@ pub enum Tier {
     Session(SessionArgs),
     /// The three tiers in one process on loopback (one machine).
     All(AllArgs),
+    /// Image-text retrieval (RetrievalService: embeddings, ITM/ITC matching, an index) on a
+    /// Blip2ForImageTextRetrieval checkpoint such as Salesforce/blip2-itm-vit-g.
+    Retrieval(crate::retrieval_cli::RetrievalServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -86,7 +89,7 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn load(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    pub(crate) fn load(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -102,7 +105,8 @@ impl TlsArgs {
 /// How the session tier reaches `https://` vision and LLM replicas.
 #[derive(Args, Debug, Clone, Default)]
 pub struct UpstreamTlsArgs {
-    /// CA (PEM) that signed the vision and LLM tiers' certificates (use https:// addresses).
+    /// CA (PEM) that signed the vision and LLM tiers' certificates (use https:// addresses;
+    /// dns:/// targets use TLS whenever this is set).
     #[arg(long, env = "BLIP2_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// Client certificate (PEM) for tiers that require mutual TLS; needs --upstream-key.
@@ -150,6 +154,10 @@ pub struct VisionArgs {
     /// Milliseconds the vision model waits after an image for others to batch with it.
     #[arg(long, default_value_t = 2)]
     batch_window_ms: u64,
+    #[command(flatten)]
+    observability: crate::observability::ObservabilityArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args, Debug)]
@@ -162,6 +170,10 @@ pub struct LlmArgs {
     batching: LlmBatching,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    observability: crate::observability::ObservabilityArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 /// The LLM tier's scheduler.
@@ -183,18 +195,72 @@ pub struct LlmBatching {
     /// MiB of prompt KV kept for reuse by later turns (0: no prefix cache).
     #[arg(long, default_value_t = 1024)]
     prefix_cache_mib: usize,
+    /// Testing aid: every batched step takes at least this many milliseconds (0: off), so a
+    /// tiny checkpoint streams long enough for deadline, shutdown and fault tests.
+    #[arg(long = "llm-min-step-ms", default_value_t = 0, hide = true)]
+    min_step_ms: u64,
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT.
+#[derive(Args, Debug, Clone)]
+pub struct ShutdownArgs {
+    /// Seconds running calls may go on after SIGTERM (health is NOT_SERVING and new calls are
+    /// refused with UNAVAILABLE meanwhile); then they are cut. The process exits at the latest
+    /// 10 s after the grace period.
+    #[arg(
+        long = "shutdown-grace",
+        env = "BLIP2_SHUTDOWN_GRACE",
+        default_value_t = 10.0
+    )]
+    shutdown_grace: f64,
+}
+
+impl Default for ShutdownArgs {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: blip2_common::server::DEFAULT_SHUTDOWN_GRACE.as_secs_f64(),
+        }
+    }
+}
+
+impl ShutdownArgs {
+    fn grace(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.shutdown_grace)
+            .unwrap_or(blip2_common::server::DEFAULT_SHUTDOWN_GRACE)
+    }
+}
+
+/// After the grace period, how long the process may take to exit before it is forced to.
+const FORCED_EXIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The outer timeout of a shutdown: once a signal arrives, the process exits (status 1) if it
+/// has not ended by itself within `grace` + [`FORCED_EXIT_MARGIN`].
+fn exit_watchdog(runtime: &tokio::runtime::Runtime, grace: std::time::Duration) {
+    runtime.spawn(async move {
+        blip2_common::server::shutdown_signal().await;
+        let limit = grace + FORCED_EXIT_MARGIN;
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!("blip2: still running {limit:?} after the shutdown signal; exiting");
+            std::process::exit(1);
+        });
+    });
 }
 
 #[derive(Args, Debug)]
 pub struct SessionArgs {
     #[arg(long, default_value = "127.0.0.1:50050")]
     listen: SocketAddr,
-    /// Vision tier address (repeat for replicas), e.g. http://127.0.0.1:50051.
+    /// Vision tier address (repeat for replicas), e.g. http://127.0.0.1:50051, or
+    /// dns:///HOST:PORT for every address of a name (a Kubernetes headless Service).
     #[arg(long = "vision", required = true)]
     vision: Vec<String>,
-    /// LLM tier address (repeat for replicas), e.g. http://127.0.0.1:50052.
+    /// LLM tier address (repeat for replicas), e.g. http://127.0.0.1:50052, or
+    /// dns:///HOST:PORT for every address of a name (a Kubernetes headless Service).
     #[arg(long = "llm", required = true)]
     llm: Vec<String>,
+    #[command(flatten)]
+    replicas: ReplicaArgs,
     /// Checkpoint whose tokenizer counts prompt tokens (default: the embedded one).
     #[command(flatten)]
     model: ModelFlags,
@@ -207,6 +273,13 @@ pub struct SessionArgs {
     tls: TlsArgs,
     #[command(flatten)]
     upstream_tls: UpstreamTlsArgs,
+    #[command(flatten)]
+    observability: crate::observability::ObservabilityArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+    /// Where sessions are kept, their TTL, API keys (boxed: keeps `Tier` small).
+    #[command(flatten)]
+    state: Box<crate::session_state::SessionStateArgs>,
 }
 
 #[derive(Args, Debug)]
@@ -223,16 +296,15 @@ pub struct AllArgs {
     /// TLS of the session tier's listener (the tiers inside talk over loopback).
     #[command(flatten)]
     tls: TlsArgs,
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init()
-        .ok();
+    /// One metrics endpoint and one log format for the three tiers.
+    #[command(flatten)]
+    observability: crate::observability::ObservabilityArgs,
+    /// One grace period for the three tiers.
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+    /// Where sessions are kept, their TTL, API keys (boxed: keeps `Tier` small).
+    #[command(flatten)]
+    state: Box<crate::session_state::SessionStateArgs>,
 }
 
 pub(crate) async fn bind(tier: &str, addr: SocketAddr) -> Result<TcpListener> {
@@ -261,6 +333,7 @@ fn vision_tier(
         max_concurrency: args.max_concurrency,
         max_batch_size: args.max_batch,
         batch_window: std::time::Duration::from_millis(args.batch_window_ms),
+        shutdown_grace: args.shutdown.grace(),
         ..blip2_vision::VisionConfig::default()
     };
     blip2_vision::VisionTier::new(model, name, config)
@@ -270,12 +343,15 @@ fn llm_tier(
     model: Arc<Blip2Model>,
     name: String,
     args: &LlmBatching,
+    shutdown: &ShutdownArgs,
 ) -> Result<blip2_llm::LlmTier> {
     let config = blip2_llm::LlmConfig {
         max_concurrency: args.max_batch,
         max_queue: args.max_queue,
         prefill_chunk: args.prefill_chunk,
         prefix_cache_bytes: args.prefix_cache_mib << 20,
+        shutdown_grace: shutdown.grace(),
+        min_step_time: std::time::Duration::from_millis(args.min_step_ms),
         ..blip2_llm::LlmConfig::default()
     };
     blip2_llm::LlmTier::new(model, name, config).context("starting the LLM scheduler thread")
@@ -290,36 +366,84 @@ fn wire_dtype(name: &str) -> Result<blip2_proto::v1::Dtype> {
     })
 }
 
+/// How the session tier finds and checks the vision and LLM replicas.
+#[derive(Args, Debug, Clone)]
+pub struct ReplicaArgs {
+    /// Seconds between DNS resolutions of dns:/// replica names (pods joining and leaving).
+    #[arg(long, env = "BLIP2_REPLICA_REFRESH_SECS", default_value_t = 10)]
+    replica_refresh_secs: u64,
+    /// Seconds between grpc.health.v1 checks of every replica: a failed replica is ejected and
+    /// comes back once its check answers SERVING.
+    #[arg(long, env = "BLIP2_REPLICA_PROBE_SECS", default_value_t = 2)]
+    replica_probe_secs: u64,
+}
+
+impl Default for ReplicaArgs {
+    fn default() -> Self {
+        Self {
+            replica_refresh_secs: 10,
+            replica_probe_secs: 2,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one per flag group of the session tier
 fn session_tier(
     vision: Vec<String>,
     llm: Vec<String>,
+    replicas: &ReplicaArgs,
     model_dir: PathBuf,
     soft_prompt_dtype: blip2_proto::v1::Dtype,
     upstream_tls: blip2_common::tls::ClientTls,
+    shutdown: &ShutdownArgs,
+    state: &crate::session_state::SessionStateArgs,
 ) -> Result<blip2_session::SessionTier> {
-    let config = blip2_session::SessionConfig {
+    let mut config = blip2_session::SessionConfig {
         vision_addrs: vision,
         llm_addrs: llm,
+        replica_refresh: std::time::Duration::from_secs(replicas.replica_refresh_secs),
+        replica_probe: std::time::Duration::from_secs(replicas.replica_probe_secs),
         model_dir: Some(model_dir),
         soft_prompt_dtype,
         upstream_tls,
+        shutdown_grace: shutdown.grace(),
         ..blip2_session::SessionConfig::default()
     };
+    state.apply(&mut config)?;
     Ok(blip2_session::SessionTier::new(config)?)
 }
 
 pub fn run(tier: Tier) -> Result<()> {
-    init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(tier))
+    // Service names in traces (OTEL_SERVICE_NAME overrides).
+    let (service, observability) = match &tier {
+        Tier::Vision(args) => ("blip2-vision", &args.observability),
+        Tier::Llm(args) => ("blip2-llm", &args.observability),
+        Tier::Session(args) => ("blip2-session", &args.observability),
+        Tier::All(args) => ("blip2", &args.observability),
+        Tier::Retrieval(args) => ("blip2-retrieval", &args.observability),
+    };
+    let telemetry = crate::observability::init(&runtime, service, observability)?;
+    let grace = match &tier {
+        Tier::Vision(args) => args.shutdown.grace(),
+        Tier::Llm(args) => args.shutdown.grace(),
+        Tier::Session(args) => args.shutdown.grace(),
+        Tier::All(args) => args.shutdown.grace(),
+        Tier::Retrieval(_) => blip2_common::server::DEFAULT_SHUTDOWN_GRACE,
+    };
+    exit_watchdog(&runtime, grace);
+    let served = runtime.block_on(serve(tier));
+    crate::observability::shutdown(&runtime, telemetry);
+    served
 }
 
 async fn serve(tier: Tier) -> Result<()> {
     let shutdown = blip2_common::server::shutdown_signal;
     match tier {
+        Tier::Retrieval(args) => crate::retrieval_cli::serve(args, shutdown()).await?,
         Tier::Vision(args) => {
             let (model, name) = args.model.load(Components {
                 vision: true,
@@ -327,6 +451,7 @@ async fn serve(tier: Tier) -> Result<()> {
             })?;
             let tier = vision_tier(model, name, &args);
             let listener = bind("vision", args.listen).await?;
+            crate::observability::metrics_endpoint(&args.observability).await?;
             announce("vision", &listener)?;
             blip2_vision::serve_with(tier, listener, shutdown(), args.tls.load()?).await?;
         }
@@ -335,8 +460,9 @@ async fn serve(tier: Tier) -> Result<()> {
                 vision: false,
                 language_model: true,
             })?;
-            let tier = llm_tier(model, name, &args.batching)?;
+            let tier = llm_tier(model, name, &args.batching, &args.shutdown)?;
             let listener = bind("llm", args.listen).await?;
+            crate::observability::metrics_endpoint(&args.observability).await?;
             announce("llm", &listener)?;
             blip2_llm::serve_with(tier, listener, shutdown(), args.tls.load()?).await?;
         }
@@ -346,11 +472,15 @@ async fn serve(tier: Tier) -> Result<()> {
             let tier = session_tier(
                 args.vision,
                 args.llm,
+                &args.replicas,
                 args.model.dir()?,
                 dtype,
                 args.upstream_tls.config(),
+                &args.shutdown,
+                &args.state,
             )?;
             let listener = bind("session", args.listen).await?;
+            crate::observability::metrics_endpoint(&args.observability).await?;
             let session_addr = announce("session", &listener)?;
             let model = args.model.model.as_deref();
             let http = crate::http_gateway::spawn(
@@ -375,6 +505,7 @@ async fn serve(tier: Tier) -> Result<()> {
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
             let vision_listener = bind("vision", loopback).await?;
             let llm_listener = bind("llm", loopback).await?;
+            crate::observability::metrics_endpoint(&args.observability).await?;
             let vision_addr = announce("vision", &vision_listener)?;
             let llm_addr = announce("llm", &llm_listener)?;
             let vision = vision_tier(
@@ -388,15 +519,20 @@ async fn serve(tier: Tier) -> Result<()> {
                     max_concurrency: 16,
                     max_batch: 1,
                     batch_window_ms: 2,
+                    observability: Default::default(),
+                    shutdown: args.shutdown.clone(),
                 },
             );
-            let llm = llm_tier(model, name, &args.batching)?;
+            let llm = llm_tier(model, name, &args.batching, &args.shutdown)?;
             let session = session_tier(
                 vec![format!("http://{vision_addr}")],
                 vec![format!("http://{llm_addr}")],
+                &ReplicaArgs::default(),
                 model_dir,
                 blip2_proto::v1::Dtype::F32,
                 blip2_common::tls::ClientTls::default(),
+                &args.shutdown,
+                &args.state,
             )?;
             let tls = args.tls.load()?;
             let session_listener = bind("session", args.listen).await?;

@@ -4,7 +4,12 @@
 //!
 //! Everything up to the LLM call runs in the handler, so a bad request or a vision error is the
 //! RPC's status; from the LLM call on, errors end the response stream. Nothing is written to the
-//! session before the LLM tier's `finish`: soft prompts encoded for a turn stay with the turn.
+//! session before the LLM tier's `finish`: soft prompts encoded for a turn stay with the turn,
+//! and the store commits the turn in one conditional write (it applies only if the session
+//! still has the turns the turn was prepared against).
+//!
+//! A request with an `idempotency_key` the session already committed is not run again: the
+//! stored turn is sent back ([`Prepared::Replay`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +27,11 @@ use tonic::Status;
 use crate::error::SessionError;
 use crate::prompt::{self, PromptBudget};
 use crate::replicas::{self, Attempt};
-use crate::store::{random_id, ImageRecord, TurnRecord};
+use crate::store::{random_id, ImageRecord, Session, TurnCommit, TurnRecord};
 use crate::SessionTier;
+
+/// The longest idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// The client's side of a turn's response stream.
 pub(crate) type ChatSender = mpsc::Sender<Result<ChatEvent, Status>>;
@@ -42,15 +50,26 @@ pub(crate) struct Attachment {
 /// A turn ready for the LLM tier. It holds its session's turn lock until it is dropped.
 pub(crate) struct PreparedTurn {
     session_id: String,
+    /// The session's owner (the hash of its API key).
+    owner: String,
     question: String,
+    idempotency_key: String,
     attachments: Vec<Attachment>,
-    /// Soft prompts of the images the session did not have, by sha256.
-    encoded: HashMap<String, Arc<SoftPrompt>>,
+    /// Soft prompts of the turn's images (the session's and the newly encoded), by sha256.
+    soft_prompts: HashMap<String, Arc<SoftPrompt>>,
     /// `setup`, then one soft prompt per image placeholder.
     inputs: Vec<GenerateInput>,
+    /// Turns the session had: the commit's condition.
     turns_before: usize,
-    images_before: usize,
     _turn_lock: OwnedMutexGuard<()>,
+}
+
+/// What a Chat request turned into.
+pub(crate) enum Prepared {
+    /// A new turn, to run.
+    Turn(Box<PreparedTurn>),
+    /// The request's idempotency key names a committed turn: send it back.
+    Replay(ChatDone),
 }
 
 /// The session's defaults with the request's overrides, field by field. Written without `..`
@@ -81,8 +100,14 @@ pub(crate) fn merge_params(
     }
 }
 
-fn session_not_found(session_id: &str) -> SessionError {
-    SessionError::NotFound(format!("no session `{session_id}`"))
+/// The committed turn `turn` as the final event of a Chat.
+fn done_of(turn: &TurnRecord) -> ChatDone {
+    ChatDone {
+        turn_id: turn.turn_id.clone(),
+        finish_reason: turn.finish_reason as i32,
+        usage: turn.usage,
+        text: turn.answer.clone(),
+    }
 }
 
 impl SessionTier {
@@ -90,7 +115,8 @@ impl SessionTier {
     pub(crate) async fn prepare_turn(
         &self,
         request: ChatRequest,
-    ) -> Result<PreparedTurn, SessionError> {
+        owner: String,
+    ) -> Result<Prepared, SessionError> {
         let inner = &self.inner;
         let config = &inner.config;
         let ChatRequest {
@@ -98,7 +124,14 @@ impl SessionTier {
             text,
             images,
             params,
+            idempotency_key,
         } = request;
+        if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(SessionError::InvalidArgument(format!(
+                "`idempotency_key` has {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES}",
+                idempotency_key.len()
+            )));
+        }
         let question = if text.trim().is_empty() {
             String::new()
         } else {
@@ -116,34 +149,34 @@ impl SessionTier {
                 config.max_images_per_turn
             )));
         }
-        let turn_lock = inner
-            .sessions
-            .get(&session_id)
-            .map(|session| session.turn_lock.clone())
-            .ok_or_else(|| session_not_found(&session_id))?;
-        let turn_lock = turn_lock.lock_owned().await;
+        // Another key's session is "not found", as one that never existed.
+        self.check_owner(&session_id, &owner).await?;
+        let turn_lock = self.turn_lock(&session_id).lock_owned().await;
 
-        // A snapshot of the session: the turn lock keeps other turns out, so it stays current.
-        let (template, default_params, past, turns_before, images_before, mut known) = {
-            let session = inner
-                .sessions
-                .get(&session_id)
-                .ok_or_else(|| session_not_found(&session_id))?;
-            let known: HashMap<String, Arc<SoftPrompt>> = session
-                .images
-                .iter()
-                .map(|image| (image.sha256.clone(), image.soft_prompt.clone()))
-                .collect();
-            (
-                session.template.clone(),
-                session.default_params.clone(),
-                session.past_turns(),
-                session.turns.len(),
-                session.images.len(),
-                known,
-            )
-        };
-        let attachments = self.resolve_images(&session_id, images).await?;
+        // A snapshot of the session, read under the turn lock: no other turn of this replica
+        // runs until this one ends, and the commit's condition catches other replicas'.
+        let session = self.owned_session(&session_id, &owner).await?;
+        if let Some(turn) = session.turn_with_key(&idempotency_key) {
+            if turn.question != question {
+                return Err(SessionError::InvalidArgument(
+                    "`idempotency_key` belongs to another turn of this session (with other \
+                     text); use a new key for a new turn"
+                        .into(),
+                ));
+            }
+            return Ok(Prepared::Replay(done_of(turn)));
+        }
+        let mut known: HashMap<String, Arc<SoftPrompt>> = session
+            .images
+            .iter()
+            .map(|image| (image.sha256.clone(), image.soft_prompt.clone()))
+            .collect();
+        let template = session.template.clone();
+        let default_params = session.default_params.clone();
+        let past = session.past_turns();
+        let turns_before = session.turns.len();
+        let images_before = session.images.len();
+        let attachments = self.resolve_images(&session, &owner, images).await?;
         if images_before + attachments.len() > config.max_images_per_session {
             return Err(SessionError::ResourceExhausted(format!(
                 "the session has {images_before} images; a session holds at most {}",
@@ -180,14 +213,11 @@ impl SessionTier {
             })?;
             new_images.push((sha256.clone(), data));
         }
-        let mut encoded = HashMap::new();
         if !new_images.is_empty() {
             let prompts =
                 replicas::encode(&inner.vision, &new_images, config.soft_prompt_dtype).await?;
             for ((sha256, _), soft_prompt) in new_images.into_iter().zip(prompts) {
-                let soft_prompt = Arc::new(soft_prompt);
-                known.insert(sha256.clone(), soft_prompt.clone());
-                encoded.insert(sha256, soft_prompt);
+                known.insert(sha256, Arc::new(soft_prompt));
             }
         }
 
@@ -212,25 +242,29 @@ impl SessionTier {
                 )),
             });
         }
-        Ok(PreparedTurn {
+        Ok(Prepared::Turn(Box::new(PreparedTurn {
             session_id,
+            owner,
             question,
+            idempotency_key,
             attachments,
-            encoded,
+            soft_prompts: known,
             inputs,
             turns_before,
-            images_before,
             _turn_lock: turn_lock,
-        })
+        })))
     }
 
-    /// Resolves the turn's images: bytes (size-checked, hashed), an upload of this session or
-    /// of none, or an image of the session attached again (its soft prompt is reused).
+    /// Resolves the turn's images: bytes (size-checked, hashed), an upload of `owner` for this
+    /// session or for none, or an image of the session attached again (its soft prompt is
+    /// reused).
     pub(crate) async fn resolve_images(
         &self,
-        session_id: &str,
+        session: &Session,
+        owner: &str,
         images: Vec<TurnImage>,
     ) -> Result<Vec<Attachment>, SessionError> {
+        let session_id = session.session_id.as_str();
         let inner = &self.inner;
         let max_bytes = inner.config.max_image_bytes;
         let mut attachments = Vec::with_capacity(images.len());
@@ -258,13 +292,11 @@ impl SessionTier {
                     });
                 }
                 Some(turn_image::Source::ImageId(id)) => {
-                    let from_session = inner.sessions.get(session_id).and_then(|session| {
-                        session
-                            .images
-                            .iter()
-                            .find(|image| image.image_id == id)
-                            .map(|image| image.sha256.clone())
-                    });
+                    let from_session = session
+                        .images
+                        .iter()
+                        .find(|image| image.image_id == id)
+                        .map(|image| image.sha256.clone());
                     let attachment = match from_session {
                         Some(sha256) => Attachment {
                             image_id: random_id(),
@@ -273,7 +305,8 @@ impl SessionTier {
                             upload_id: None,
                         },
                         None => {
-                            let upload = inner.uploads.get(&id, session_id).ok_or_else(|| {
+                            let upload = inner.uploads.get(&id, session_id, owner);
+                            let upload = upload.ok_or_else(|| {
                                 SessionError::NotFound(format!(
                                     "`images[{index}].image_id` `{id}` is neither an upload \
                                          nor an image of this session"
@@ -367,7 +400,7 @@ impl SessionTier {
     /// Streams the turn's generation to `events` and commits the turn when it finished; errors
     /// end the stream. Runs on its own task; the client leaving ends it, recording nothing.
     pub(crate) async fn run_turn(self, turn: PreparedTurn, events: ChatSender) {
-        match self.generate(&turn, &events).await {
+        match crate::deadline::within(self.generate(&turn, &events)).await {
             Ok(Some(finish)) => self.finish_turn(turn, finish, &events).await,
             Ok(None) => tracing::debug!(session = %turn.session_id, "client left during a turn"),
             Err(error) => {
@@ -386,23 +419,43 @@ impl SessionTier {
     ) -> Result<Option<Finish>, SessionError> {
         let llm = &self.inner.llm;
         let mut streamed = false;
-        let mut last = None;
-        for index in llm.affinity(&turn.session_id) {
-            let Some(client) = llm.llm_client(index) else {
-                continue;
-            };
-            match generate_on(client, &turn.inputs, events, &mut streamed).await? {
-                Attempt::Done(finish) => return Ok(finish),
-                Attempt::Unreachable(message) => last = Some((index, message)),
+        let (mut last, mut full) = (None, None);
+        for replica in llm.affinity(&turn.session_id).await? {
+            let _in_flight = replica.begin();
+            let attempt = generate_on(replica.llm_client(), &turn.inputs, events, &mut streamed);
+            match attempt.await {
+                Ok(Attempt::Done(finish)) => {
+                    llm.succeeded(&replica);
+                    return Ok(finish);
+                }
+                Ok(Attempt::Unreachable(message)) => {
+                    llm.eject(&replica, &message);
+                    last = Some((replica.address().to_string(), message));
+                }
+                // The session's replica is full: the next one takes the turn (without the
+                // prefix cache) rather than the client getting RESOURCE_EXHAUSTED.
+                Ok(Attempt::Busy(status)) => full = Some(status),
+                Err(error) => {
+                    // Broke mid-stream: the turn is lost, and the replica is suspect too.
+                    if matches!(error, SessionError::Unavailable { .. }) {
+                        llm.eject(&replica, &error.to_string());
+                    }
+                    return Err(error);
+                }
             }
         }
-        Err(llm.exhausted(last))
+        Err(replicas::exhausted(llm, full, last))
     }
 
     /// Records the turn, then sends `done`. Recording first means a client that saw `done`
-    /// finds the turn in GetSession; if `done` cannot be delivered (the client left) the turn is
-    /// taken back, so a cancelled turn leaves the session as it was.
+    /// finds the turn in GetSession. A client that left before the turn finished gets nothing
+    /// recorded; one that leaves between the commit and `done` finds the turn committed (a
+    /// retry with the same idempotency key gets it back).
     async fn finish_turn(&self, turn: PreparedTurn, finish: Finish, events: &ChatSender) {
+        if events.is_closed() {
+            tracing::debug!(session = %turn.session_id, "client left before the turn finished");
+            return;
+        }
         let finish_reason =
             FinishReason::try_from(finish.reason).unwrap_or(FinishReason::Unspecified);
         let done = ChatDone {
@@ -411,74 +464,79 @@ impl SessionTier {
             usage: finish.usage,
             text: finish.text,
         };
-        if let Err(error) = self.commit(&turn, &done, finish_reason) {
+        if let Err(error) = self.commit(&turn, &done, finish_reason).await {
             let status = crate::error::report(error, &turn.session_id);
             let _ = events.send(Err(status)).await;
-            return;
-        }
-        let event = ChatEvent {
-            kind: Some(chat_event::Kind::Done(done)),
-        };
-        if events.send(Ok(event)).await.is_err() {
-            self.roll_back(&turn);
             return;
         }
         for upload_id in turn.attachments.iter().filter_map(|a| a.upload_id.as_ref()) {
             self.inner.uploads.remove(upload_id);
         }
+        let event = ChatEvent {
+            kind: Some(chat_event::Kind::Done(done)),
+        };
+        if events.send(Ok(event)).await.is_err() {
+            tracing::debug!(session = %turn.session_id, "client left before `done`; the turn is committed");
+        }
     }
 
-    fn commit(
+    /// Appends the turn to the session in the store, if the session still has the turns the
+    /// turn was prepared against.
+    async fn commit(
         &self,
         turn: &PreparedTurn,
         done: &ChatDone,
         finish_reason: FinishReason,
     ) -> Result<(), SessionError> {
-        let mut session = self
-            .inner
-            .sessions
-            .get_mut(&turn.session_id)
-            .ok_or_else(|| {
-                SessionError::NotFound(format!(
-                    "session `{}` was deleted during the turn",
-                    turn.session_id
-                ))
-            })?;
-        let turn_index = session.turns.len() as u32;
-        for attachment in &turn.attachments {
-            let soft_prompt = session
-                .soft_prompt(&attachment.sha256)
-                .or_else(|| turn.encoded.get(&attachment.sha256).cloned())
-                .ok_or_else(|| {
-                    SessionError::Internal(format!("no soft prompt for {}", attachment.sha256))
-                })?;
-            session.images.push(ImageRecord {
-                image_id: attachment.image_id.clone(),
-                sha256: attachment.sha256.clone(),
-                turn_index,
-                soft_prompt,
-            });
-        }
-        session.turns.push(TurnRecord {
-            turn_id: done.turn_id.clone(),
-            question: turn.question.clone(),
-            answer: done.text.clone(),
-            image_ids: turn
-                .attachments
-                .iter()
-                .map(|a| a.image_id.clone())
-                .collect(),
-            finish_reason,
-            usage: done.usage,
-        });
-        Ok(())
-    }
-
-    fn roll_back(&self, turn: &PreparedTurn) {
-        if let Some(mut session) = self.inner.sessions.get_mut(&turn.session_id) {
-            session.turns.truncate(turn.turns_before);
-            session.images.truncate(turn.images_before);
-        }
+        let turn_index = turn.turns_before as u32;
+        let images = turn
+            .attachments
+            .iter()
+            .map(|attachment| {
+                let soft_prompt = turn
+                    .soft_prompts
+                    .get(&attachment.sha256)
+                    .cloned()
+                    .ok_or_else(|| {
+                        SessionError::Internal(format!("no soft prompt for {}", attachment.sha256))
+                    })?;
+                Ok(ImageRecord {
+                    image_id: attachment.image_id.clone(),
+                    sha256: attachment.sha256.clone(),
+                    turn_index,
+                    soft_prompt,
+                })
+            })
+            .collect::<Result<Vec<_>, SessionError>>()?;
+        let commit = TurnCommit {
+            session_id: turn.session_id.clone(),
+            owner: turn.owner.clone(),
+            expected_turns: turn.turns_before,
+            turn: TurnRecord {
+                turn_id: done.turn_id.clone(),
+                question: turn.question.clone(),
+                answer: done.text.clone(),
+                image_ids: turn
+                    .attachments
+                    .iter()
+                    .map(|a| a.image_id.clone())
+                    .collect(),
+                finish_reason,
+                usage: done.usage,
+                idempotency_key: turn.idempotency_key.clone(),
+            },
+            images,
+        };
+        self.inner
+            .store
+            .commit(&commit)
+            .await
+            .map_err(|error| match error {
+                crate::store::StoreError::NotFound(id) => {
+                    SessionError::NotFound(format!("session `{id}` was deleted during the turn"))
+                }
+                other => other.into(),
+            })
     }
 }
 
@@ -499,7 +557,9 @@ async fn generate_on(
     // client giving up.
     let _input_open = input_sender;
     let response = tokio::select! {
-        response = client.generate(ReceiverStream::new(input_receiver)) => response,
+        response = client.generate(crate::deadline::limit(blip2_common::telemetry::traced_request(
+            ReceiverStream::new(input_receiver),
+        ))) => response,
         () = events.closed() => return Ok(Attempt::Done(None)),
     };
     let unreachable =
@@ -509,6 +569,7 @@ async fn generate_on(
         Err(status) if unreachable(&status, *streamed) => {
             return Ok(Attempt::Unreachable(status.message().to_string()))
         }
+        Err(status) if replicas::busy(&status) && !*streamed => return Ok(Attempt::Busy(status)),
         Err(status) => return Err(SessionError::from_tier("LLM", &status)),
     };
     loop {
@@ -547,6 +608,9 @@ async fn generate_on(
             }
             Err(status) if unreachable(&status, *streamed) => {
                 return Ok(Attempt::Unreachable(status.message().to_string()))
+            }
+            Err(status) if replicas::busy(&status) && !*streamed => {
+                return Ok(Attempt::Busy(status))
             }
             Err(status) => return Err(SessionError::from_tier("LLM", &status)),
         }

@@ -36,6 +36,30 @@ pub enum SessionError {
     /// A blocking task died.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The client's deadline passed before the turn ended; nothing was recorded.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// No API key, or an unknown one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The session changed under the turn (a turn committed by another replica).
+    #[error("{0}")]
+    Aborted(String),
+    /// The session store failed or cannot be reached.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<crate::store::StoreError> for SessionError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match error {
+            StoreError::NotFound(id) => Self::NotFound(format!("no session `{id}`")),
+            StoreError::Conflict(message) => Self::Aborted(message),
+            StoreError::Limit(message) => Self::ResourceExhausted(message),
+            error @ StoreError::Backend(_) => Self::Store(error.to_string()),
+        }
+    }
 }
 
 impl SessionError {
@@ -51,6 +75,10 @@ impl SessionError {
             Self::Protocol { .. } => "protocol",
             Self::Model(_) => "model",
             Self::Internal(_) => "internal",
+            Self::DeadlineExceeded(_) => "deadline_exceeded",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Aborted(_) => "aborted",
+            Self::Store(_) => "store",
         }
     }
 
@@ -89,7 +117,7 @@ pub(crate) fn report(error: SessionError, session_id: &str) -> Status {
     let message = error.to_string();
     let status = Status::from(error);
     match status.code() {
-        Code::InvalidArgument | Code::NotFound => {
+        Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => {
             tracing::debug!(session = session_id, error_type, error = %message, "request refused")
         }
         _ => tracing::warn!(session = session_id, error_type, error = %message, "request failed"),
@@ -110,6 +138,10 @@ impl From<SessionError> for Status {
                 Status::internal(error.to_string())
             }
             SessionError::Model(model) => blip2_common::status::model_error(model),
+            SessionError::DeadlineExceeded(_) => Status::deadline_exceeded(error.to_string()),
+            SessionError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+            SessionError::Aborted(_) => Status::aborted(error.to_string()),
+            SessionError::Store(_) => Status::unavailable(error.to_string()),
         }
     }
 }

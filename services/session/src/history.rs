@@ -39,16 +39,18 @@ fn in_turn(index: usize, error: SessionError) -> SessionError {
 }
 
 impl SessionTier {
-    /// A new session (not yet stored) holding `history` as finished turns.
+    /// A new session of `owner` (not yet stored) holding `history` as finished turns, and the
+    /// uploads it used (to drop once it is stored).
     pub(crate) async fn session_with_history(
         &self,
+        owner: String,
         template: PromptTemplate,
         default_params: GenerationParams,
         history: Vec<HistoryTurn>,
-    ) -> Result<Session, SessionError> {
-        let mut session = Session::new(template, default_params);
+    ) -> Result<(Session, Vec<String>), SessionError> {
+        let mut session = Session::new(owner, template, default_params);
         if history.is_empty() {
-            return Ok(session);
+            return Ok((session, Vec::new()));
         }
         let config = &self.inner.config;
         let mut turns = Vec::with_capacity(history.len());
@@ -84,7 +86,7 @@ impl SessionTier {
                 )));
             }
             let attachments = self
-                .resolve_images(&session.session_id, images)
+                .resolve_images(&session, &session.owner, images)
                 .await
                 .map_err(|error| in_turn(index, error))?;
             turns.push(ResolvedTurn {
@@ -148,11 +150,9 @@ impl SessionTier {
                 // Not generated here: the tier cannot say why the answer ended.
                 finish_reason: FinishReason::Unspecified,
                 usage: None,
+                idempotency_key: String::new(),
             });
         }
-        for upload_id in used_uploads {
-            self.inner.uploads.remove(&upload_id);
-        }
-        Ok(session)
+        Ok((session, used_uploads))
     }
 }

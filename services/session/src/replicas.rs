@@ -1,153 +1,32 @@
-//! The replicas of the vision and LLM tiers: lazily connected channels, the order in which a
-//! request tries them (round robin for the stateless vision tier; affinity by session for the
-//! LLM tier, whose prefix caches then serve the session's growing prompt), and the vision
-//! tier's Encode with fail-over.
+//! The replicas of the vision and LLM tiers and the calls that fail over between them.
+//!
+//! - `target`: what `--vision` / `--llm` name: a fixed `http(s)://` address, or `dns:///host:port`
+//!   whose every address is a replica (a Kubernetes headless Service), re-resolved periodically.
+//! - `pick`: the order a request tries them: least outstanding requests for the stateless
+//!   vision tier; rendezvous hashing of the session id for the LLM tier, whose prefix caches then
+//!   serve the session's growing prompt; ejected replicas last.
+//! - `pool`: one lazily connected channel per replica, ejection on failure, re-admission by
+//!   grpc.health.v1 checks, DNS re-resolution, in a background task.
+//!
+//! Here: the vision tier's Encode and the LLM tier's Info with fail-over (the LLM's Generate is
+//! in `chat`): a replica unreachable before it answered anything is ejected and the next one
+//! takes the request; one that is full (RESOURCE_EXHAUSTED) stays in and the next one takes it.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+mod pick;
+mod pool;
+mod target;
 
-use blip2_proto::v1::llm_service_client::LlmServiceClient;
+use std::sync::Arc;
+
 use blip2_proto::v1::vision_service_client::VisionServiceClient;
 use blip2_proto::v1::{
     image_input, Dtype, EncodeRequest, ImageInput, LlmInfo, LlmInfoRequest, SoftPrompt,
 };
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{unreachable, SessionError};
 
-/// Largest message taken from a tier (a soft prompt is 32 x hidden x 4 bytes at most).
-const MAX_TIER_MESSAGE: usize = 64 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-struct Replica {
-    address: String,
-    endpoint: Endpoint,
-    /// Created on first use: `connect_lazy` spawns a task, so it needs the runtime.
-    channel: OnceLock<Channel>,
-}
-
-/// The replicas of one tier.
-pub(crate) struct Replicas {
-    tier: &'static str,
-    replicas: Vec<Replica>,
-    next: AtomicUsize,
-}
-
-impl Replicas {
-    /// `tls`: how to reach replicas at `https://` addresses (plain `http://` ones ignore it).
-    pub(crate) fn new(
-        tier: &'static str,
-        addresses: &[String],
-        tls: Option<&ClientTlsConfig>,
-    ) -> Result<Self, SessionError> {
-        if addresses.is_empty() {
-            return Err(SessionError::Config(format!(
-                "no {tier} tier address was given"
-            )));
-        }
-        let replicas = addresses
-            .iter()
-            .map(|address| {
-                let config_error = |e: &dyn std::fmt::Display| {
-                    SessionError::Config(format!("{tier} tier address `{address}`: {e}"))
-                };
-                let endpoint = Endpoint::from_shared(address.clone())
-                    .map_err(|e| config_error(&e))?
-                    .connect_timeout(CONNECT_TIMEOUT);
-                let https = address.starts_with("https://");
-                if https && tls.is_none() {
-                    return Err(config_error(
-                        &"an https:// address needs TLS settings (a CA to trust)",
-                    ));
-                }
-                let endpoint = blip2_common::tls::client_endpoint(endpoint, tls.filter(|_| https))
-                    .map_err(|e| config_error(&e))?;
-                Ok(Replica {
-                    address: address.clone(),
-                    endpoint,
-                    channel: OnceLock::new(),
-                })
-            })
-            .collect::<Result<Vec<_>, SessionError>>()?;
-        Ok(Self {
-            tier,
-            replicas,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    pub(crate) fn tier(&self) -> &'static str {
-        self.tier
-    }
-
-    pub(crate) fn address(&self, index: usize) -> &str {
-        self.replicas
-            .get(index)
-            .map_or("", |replica| replica.address.as_str())
-    }
-
-    fn channel(&self, index: usize) -> Option<Channel> {
-        let replica = self.replicas.get(index)?;
-        Some(
-            replica
-                .channel
-                .get_or_init(|| replica.endpoint.connect_lazy())
-                .clone(),
-        )
-    }
-
-    pub(crate) fn vision_client(&self, index: usize) -> Option<VisionServiceClient<Channel>> {
-        self.channel(index).map(|channel| {
-            VisionServiceClient::new(channel)
-                .max_decoding_message_size(MAX_TIER_MESSAGE)
-                .max_encoding_message_size(usize::MAX)
-        })
-    }
-
-    pub(crate) fn llm_client(&self, index: usize) -> Option<LlmServiceClient<Channel>> {
-        self.channel(index).map(|channel| {
-            LlmServiceClient::new(channel)
-                .max_decoding_message_size(MAX_TIER_MESSAGE)
-                .max_encoding_message_size(usize::MAX)
-        })
-    }
-
-    /// Every replica once, starting at the next one in round robin.
-    pub(crate) fn round_robin(&self) -> Vec<usize> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        self.order_from(start)
-    }
-
-    /// Every replica once, starting at the one `key` (a session id) sticks to.
-    pub(crate) fn affinity(&self, key: &str) -> Vec<usize> {
-        let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        self.order_from(hasher.finish() as usize)
-    }
-
-    fn order_from(&self, start: usize) -> Vec<usize> {
-        let n = self.replicas.len();
-        (0..n).map(|i| (start.wrapping_add(i)) % n).collect()
-    }
-
-    /// The error after every replica was tried: the last replica's, naming its address.
-    pub(crate) fn exhausted(&self, last: Option<(usize, String)>) -> SessionError {
-        let message = match last {
-            Some((index, message)) => format!(
-                "no replica answered (last: {}: {message})",
-                self.address(index)
-            ),
-            None => "no replica answered".to_string(),
-        };
-        SessionError::Unavailable {
-            tier: self.tier,
-            message,
-        }
-    }
-}
+pub(crate) use pool::{Discovery, Replicas, Upstream};
 
 /// Encodes `images` (sha256, file bytes) on the vision tier; returns their soft prompts in
 /// order. A replica that is unreachable before it answered anything is skipped for the next.
@@ -165,17 +44,22 @@ pub(crate) async fn encode(
             .collect(),
         dtype: dtype as i32,
     };
-    let mut last = None;
-    for index in vision.round_robin() {
-        let Some(client) = vision.vision_client(index) else {
-            continue;
-        };
-        match encode_on(client, request.clone(), images.len()).await? {
-            Attempt::Done(prompts) => return collect(images, prompts),
-            Attempt::Unreachable(message) => last = Some((index, message)),
+    let (mut last, mut full) = (None, None);
+    for replica in vision.balanced().await? {
+        let _in_flight = replica.begin();
+        match encode_on(replica.vision_client(), request.clone(), images.len()).await? {
+            Attempt::Done(prompts) => {
+                vision.succeeded(&replica);
+                return collect(images, prompts);
+            }
+            Attempt::Unreachable(message) => {
+                vision.eject(&replica, &message);
+                last = Some((replica.address().to_string(), message));
+            }
+            Attempt::Busy(status) => full = Some(status),
         }
     }
-    Err(vision.exhausted(last))
+    Err(exhausted(vision, full, last))
 }
 
 /// The outcome of trying one replica.
@@ -183,6 +67,27 @@ pub(crate) enum Attempt<T> {
     Done(T),
     /// UNAVAILABLE before anything was received: the next replica may take the request.
     Unreachable(String),
+    /// RESOURCE_EXHAUSTED before anything was received: the replica is full, not failed (it
+    /// stays in); the next replica may have room.
+    Busy(tonic::Status),
+}
+
+/// Whether `status` is a replica refusing work for lack of room (its queue is full).
+pub(crate) fn busy(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+}
+
+/// The error after every replica was tried: RESOURCE_EXHAUSTED when one was only full (the
+/// client may retry later), else UNAVAILABLE naming the last unreachable replica.
+pub(crate) fn exhausted(
+    replicas: &Replicas,
+    busy: Option<tonic::Status>,
+    last: Option<(String, String)>,
+) -> SessionError {
+    match busy {
+        Some(status) => SessionError::from_tier(replicas.tier(), &status),
+        None => replicas.exhausted(last),
+    }
 }
 
 async fn encode_on(
@@ -190,11 +95,13 @@ async fn encode_on(
     request: EncodeRequest,
     count: usize,
 ) -> Result<Attempt<Vec<Option<SoftPrompt>>>, SessionError> {
+    let request = blip2_common::telemetry::traced_request(request);
     let mut stream = match client.encode(request).await {
         Ok(response) => response.into_inner(),
         Err(status) if unreachable(&status) => {
             return Ok(Attempt::Unreachable(status.message().to_string()))
         }
+        Err(status) if busy(&status) => return Ok(Attempt::Busy(status)),
         Err(status) => return Err(SessionError::from_tier("vision", &status)),
     };
     let mut prompts: Vec<Option<SoftPrompt>> = vec![None; count];
@@ -218,6 +125,7 @@ async fn encode_on(
             Err(status) if unreachable(&status) && received == 0 => {
                 return Ok(Attempt::Unreachable(status.message().to_string()))
             }
+            Err(status) if busy(&status) && received == 0 => return Ok(Attempt::Busy(status)),
             Err(status) => return Err(SessionError::from_tier("vision", &status)),
         }
     }
@@ -261,14 +169,15 @@ fn protocol(message: String) -> SessionError {
 /// The LLM tier's facts, from the first replica (in the session's affinity order) that answers.
 pub(crate) async fn llm_info(llm: &Replicas, session_id: &str) -> Result<LlmInfo, SessionError> {
     let mut last = None;
-    for index in llm.affinity(session_id) {
-        let Some(mut client) = llm.llm_client(index) else {
-            continue;
-        };
-        match client.info(LlmInfoRequest {}).await {
-            Ok(response) => return Ok(response.into_inner()),
+    for replica in llm.affinity(session_id).await? {
+        match replica.llm_client().info(LlmInfoRequest {}).await {
+            Ok(response) => {
+                llm.succeeded(&replica);
+                return Ok(response.into_inner());
+            }
             Err(status) if unreachable(&status) => {
-                last = Some((index, status.message().to_string()));
+                llm.eject(&replica, status.message());
+                last = Some((replica.address().to_string(), status.message().to_string()));
             }
             Err(status) => return Err(SessionError::from_tier(llm.tier(), &status)),
         }
@@ -278,27 +187,315 @@ pub(crate) async fn llm_info(llm: &Replicas, session_id: &str) -> Result<LlmInfo
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use tonic_health::server::HealthReporter;
+    use tonic_health::ServingStatus;
+
     use super::*;
 
-    #[test]
-    fn orders_visit_every_replica_once() {
-        let addresses: Vec<String> = (0..3)
-            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
-            .collect();
-        let replicas = Replicas::new("LLM", &addresses, None).unwrap();
-        let first = replicas.round_robin();
-        let second = replicas.round_robin();
-        assert_ne!(first[0], second[0]);
-        let mut sorted = first.clone();
-        sorted.sort();
-        assert_eq!(sorted, vec![0, 1, 2]);
-        assert_eq!(replicas.affinity("abc"), replicas.affinity("abc"));
+    const SERVICE: &str = "blip2.v1.LlmService";
+
+    fn upstream() -> Upstream<'static> {
+        Upstream {
+            tls: None,
+            domain_fixed: false,
+            discovery: Discovery {
+                refresh: Duration::from_secs(3600),
+                probe: Duration::from_secs(3600),
+            },
+        }
+    }
+
+    fn replicas(targets: &[String]) -> Replicas {
+        Replicas::new("LLM", SERVICE, targets, &upstream()).unwrap()
+    }
+
+    /// A grpc.health.v1 server on loopback; its reporter sets what it answers.
+    async fn health_server() -> (String, HealthReporter) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(SERVICE, ServingStatus::NotServing)
+            .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{address}"), reporter)
+    }
+
+    /// An address nothing listens on.
+    async fn dead_address() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{address}")
+    }
+
+    /// A vision replica that answers every image with a soft prompt, or is always full.
+    struct FakeVision {
+        full: bool,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl blip2_proto::v1::vision_service_server::VisionService for FakeVision {
+        type EncodeStream = tokio_stream::Iter<
+            std::vec::IntoIter<Result<blip2_proto::v1::EncodeResponse, tonic::Status>>,
+        >;
+
+        async fn encode(
+            &self,
+            request: tonic::Request<EncodeRequest>,
+        ) -> Result<tonic::Response<Self::EncodeStream>, tonic::Status> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.full {
+                return Err(tonic::Status::resource_exhausted("4 images are running"));
+            }
+            let responses = (0..request.into_inner().images.len())
+                .map(|index| {
+                    Ok(blip2_proto::v1::EncodeResponse {
+                        index: index as u32,
+                        soft_prompt: Some(SoftPrompt::default()),
+                        cached: false,
+                    })
+                })
+                .collect::<Vec<_>>();
+            Ok(tonic::Response::new(tokio_stream::iter(responses)))
+        }
+
+        async fn info(
+            &self,
+            _request: tonic::Request<blip2_proto::v1::VisionInfoRequest>,
+        ) -> Result<tonic::Response<blip2_proto::v1::VisionInfo>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+    }
+
+    async fn fake_vision(full: bool) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service =
+            blip2_proto::v1::vision_service_server::VisionServiceServer::new(FakeVision {
+                full,
+                calls: calls.clone(),
+            });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{address}"), calls)
+    }
+
+    #[tokio::test]
+    async fn a_full_replica_passes_the_request_on_and_stays_in() {
+        let (full, full_calls) = fake_vision(true).await;
+        let (free, free_calls) = fake_vision(false).await;
+        let pool = Replicas::new(
+            "vision",
+            "blip2.v1.VisionService",
+            &[full.clone(), free],
+            &upstream(),
+        )
+        .unwrap();
+        let images = vec![("sha".to_string(), Arc::new(vec![1u8, 2, 3]))];
+        for _ in 0..4 {
+            let prompts = encode(&pool, &images, Dtype::F32).await.unwrap();
+            assert_eq!(prompts[0].image_sha256, "sha");
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(free_calls.load(Relaxed), 4);
+        assert!(
+            full_calls.load(Relaxed) >= 1,
+            "the rotation starts at it too"
+        );
+        assert!(pool.snapshot().iter().all(|replica| !replica.is_ejected()));
+
+        // Every replica full: the client hears RESOURCE_EXHAUSTED (retry later), not UNAVAILABLE.
+        let only_full =
+            Replicas::new("vision", "blip2.v1.VisionService", &[full], &upstream()).unwrap();
+        let error = encode(&only_full, &images, Dtype::F32).await.unwrap_err();
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
+
+    fn addresses(order: &[Arc<pool::Replica>]) -> Vec<&str> {
+        order.iter().map(|replica| replica.address()).collect()
     }
 
     #[test]
     fn refuses_bad_addresses() {
-        assert!(Replicas::new("vision", &[], None).is_err());
-        assert!(Replicas::new("vision", &["not a uri".to_string()], None).is_err());
-        assert!(Replicas::new("vision", &["https://vision:50051".to_string()], None).is_err());
+        let new = |targets: &[&str]| {
+            let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+            Replicas::new("vision", SERVICE, &targets, &upstream())
+        };
+        assert!(new(&[]).is_err());
+        assert!(new(&["not a uri"]).is_err());
+        assert!(new(&["https://vision:50051"]).is_err());
+        let error = new(&["dns:///vision"]).err().unwrap().to_string();
+        assert!(
+            error.contains("dns:///vision") && error.contains("port"),
+            "{error}"
+        );
+        assert!(new(&["http://vision:50051", "dns:///vision:50051"]).is_ok());
+        let zero = Upstream {
+            discovery: Discovery {
+                refresh: Duration::ZERO,
+                probe: Duration::from_secs(1),
+            },
+            ..upstream()
+        };
+        let targets = ["http://vision:50051".to_string()];
+        assert!(Replicas::new("vision", SERVICE, &targets, &zero).is_err());
+    }
+
+    #[tokio::test]
+    async fn balanced_prefers_the_replica_with_fewer_requests_in_flight() {
+        let targets: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        let pool = replicas(&targets);
+        let first = pool.balanced().await.unwrap();
+        let second = pool.balanced().await.unwrap();
+        assert_eq!(first.len(), 3);
+        assert_ne!(first[0].address(), second[0].address(), "idle ties rotate");
+        // Two requests in flight on one replica, one on another: the idle one is first and the
+        // busiest last, whatever the rotation.
+        let busy = first[0].clone();
+        let _a = busy.begin();
+        let _b = busy.begin();
+        let _c = first[1].begin();
+        for _ in 0..3 {
+            let order = pool.balanced().await.unwrap();
+            assert_eq!(order[0].address(), first[2].address());
+            assert_eq!(order[2].address(), busy.address());
+        }
+        drop((_a, _b, _c));
+        assert_eq!(busy.outstanding(), 0);
+    }
+
+    #[tokio::test]
+    async fn affinity_is_stable_and_skips_ejected_replicas() {
+        let targets: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        let pool = replicas(&targets);
+        let order = pool.affinity("session-a").await.unwrap();
+        assert_eq!(
+            addresses(&order),
+            addresses(&pool.affinity("session-a").await.unwrap())
+        );
+        pool.eject(&order[0], "test");
+        let after = pool.affinity("session-a").await.unwrap();
+        // The session's next-highest replica takes it; the ejected one is the last resort.
+        assert_eq!(after[0].address(), order[1].address());
+        assert_eq!(after[2].address(), order[0].address());
+        pool.succeeded(&order[0]);
+        assert_eq!(
+            addresses(&pool.affinity("session-a").await.unwrap()),
+            addresses(&order)
+        );
+    }
+
+    #[tokio::test]
+    async fn health_checks_eject_and_readmit() {
+        let (live, reporter) = health_server().await;
+        let dead = dead_address().await;
+        let pool = replicas(&[live.clone(), dead.clone()]);
+        let is_ejected = |address: &str| {
+            pool.snapshot()
+                .iter()
+                .find(|replica| replica.address() == address)
+                .map(|replica| replica.is_ejected())
+                .unwrap()
+        };
+        assert!(!is_ejected(&live) && !is_ejected(&dead));
+        // NOT_SERVING and a refused connection both eject.
+        pool.probe_now().await;
+        assert!(is_ejected(&live) && is_ejected(&dead));
+        reporter
+            .set_service_status(SERVICE, ServingStatus::Serving)
+            .await;
+        pool.probe_now().await;
+        assert!(!is_ejected(&live), "SERVING re-admits");
+        assert!(is_ejected(&dead), "still refused");
+        for session in ["a", "b", "c", "d"] {
+            assert_eq!(pool.affinity(session).await.unwrap()[0].address(), live);
+        }
+        // The replica stops serving (a tier shutting down): ejected before any request fails.
+        reporter
+            .set_service_status(SERVICE, ServingStatus::NotServing)
+            .await;
+        pool.probe_now().await;
+        assert!(is_ejected(&live));
+    }
+
+    #[tokio::test]
+    async fn background_task_readmits_a_replica_that_comes_back() {
+        let (live, reporter) = health_server().await;
+        reporter
+            .set_service_status(SERVICE, ServingStatus::Serving)
+            .await;
+        let fast = Upstream {
+            discovery: Discovery {
+                refresh: Duration::from_secs(3600),
+                probe: Duration::from_millis(50),
+            },
+            ..upstream()
+        };
+        let pool = Replicas::new("LLM", SERVICE, std::slice::from_ref(&live), &fast).unwrap();
+        let replica = pool.balanced().await.unwrap()[0].clone();
+        pool.eject(&replica, "test");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while replica.is_ejected() {
+            assert!(tokio::time::Instant::now() < deadline, "never re-admitted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn dns_targets_are_one_replica_per_address() {
+        let (live, _reporter) = health_server().await;
+        let port = live.rsplit(':').next().unwrap();
+        let pool = replicas(&[
+            format!("dns:///localhost:{port}"),
+            "http://127.0.0.1:1".to_string(),
+        ]);
+        assert_eq!(
+            pool.snapshot().len(),
+            1,
+            "nothing resolved before first use"
+        );
+        let order = pool.balanced().await.unwrap();
+        let resolved = format!("http://127.0.0.1:{port}");
+        assert!(
+            addresses(&order).contains(&resolved.as_str()),
+            "{:?}",
+            addresses(&order)
+        );
+        assert!(addresses(&order).contains(&"http://127.0.0.1:1"));
+        // Resolving again keeps the same replica (its channel, health and counters).
+        let before = pool.snapshot();
+        assert_eq!(pool.refresh_now().await, None);
+        let after = pool.snapshot();
+        assert_eq!(addresses(&before), addresses(&after));
+        for (a, b) in before.iter().zip(after.iter()) {
+            assert!(Arc::ptr_eq(a, b));
+        }
+
+        // A name that does not resolve: UNAVAILABLE naming it, and it keeps being retried.
+        let unresolved = replicas(&["dns:///no-such-host.invalid:50052".to_string()]);
+        let error = unresolved.balanced().await.err().unwrap();
+        assert!(
+            matches!(&error, SessionError::Unavailable { tier: "LLM", .. })
+                && error.to_string().contains("no-such-host.invalid"),
+            "{error}"
+        );
+        assert!(unresolved.balanced().await.is_err());
     }
 }

@@ -1,8 +1,23 @@
-//! Conversation state: the sessions (a DashMap of id -> session), and the bounded store of
-//! uploaded images waiting for the turn that uses them.
+//! Conversation state: the [`SessionStore`] trait with its three implementations (in memory,
+//! [`DiskStore`] on redb, [`RedisStore`] for several session replicas), the session snapshot
+//! a turn works on, and the bounded store of uploaded images waiting for the turn that uses them.
 //!
-//! A DashMap shard lock is only ever held for a copy or a push, never across an `.await`; the
-//! per-session `turn_lock` (a tokio Mutex held for a whole turn) serialises turns of one session.
+//! A store keeps each session's metadata (owner, template, defaults, created and last-used
+//! times), its committed turns (with their idempotency keys) and its images with their soft
+//! prompts (the bytes, once per content). A turn is written by one atomic, conditional
+//! [`SessionStore::commit`]: it applies only when the session still has the turn count the
+//! turn was prepared against, so two session replicas running turns on one session cannot
+//! interleave them (the loser gets [`StoreError::Conflict`]). Within one replica a per-session
+//! lock (in the tier) keeps turns in order before they reach the store.
+//!
+//! Idle sessions expire after the store's TTL: a read of an expired session finds nothing (and
+//! removes it), [`SessionStore::sweep`] removes the rest periodically; Redis expires its keys
+//! itself (PEXPIRE on every write).
+
+mod codec;
+mod disk;
+mod memory;
+mod redis_store;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +32,10 @@ use dashmap::DashMap;
 use crate::error::SessionError;
 use crate::prompt::PastTurn;
 
+pub use disk::DiskStore;
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+
 /// 128 random bits as 32 lowercase hex characters (session, turn and image ids).
 pub fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -29,8 +48,112 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// A finished turn.
+/// Unix milliseconds now (last-used times and expiry).
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Why a store refused a change or could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such session (or it expired).
+    #[error("no session `{0}`")]
+    NotFound(String),
+    /// The session changed since the turn was prepared (a turn committed elsewhere).
+    #[error("{0}")]
+    Conflict(String),
+    /// A session limit (in all, or per API key).
+    #[error("{0}")]
+    Limit(String),
+    /// The backend failed (I/O, Redis unreachable, a corrupt record).
+    #[error("session store: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    pub(crate) fn backend(error: impl std::fmt::Display) -> Self {
+        Self::Backend(error.to_string())
+    }
+
+    fn conflict(session_id: &str) -> Self {
+        Self::Conflict(format!(
+            "session `{session_id}` got another turn while this one ran (another request on \
+             the same session); send the turn again"
+        ))
+    }
+
+    fn too_many(limit: usize) -> Self {
+        Self::Limit(format!(
+            "the tier holds its limit of {limit} sessions; delete one first"
+        ))
+    }
+
+    fn too_many_for_key(limit: usize) -> Self {
+        Self::Limit(format!(
+            "this API key holds its limit of {limit} sessions (`--max-sessions-per-key`); \
+             delete one first"
+        ))
+    }
+}
+
+/// Limits checked atomically with a session's creation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sessions in the store, at most.
+    pub max_sessions: usize,
+    /// Sessions of one owner, at most; 0: no limit.
+    pub max_per_owner: usize,
+}
+
+/// A finished turn to append to a session.
 #[derive(Debug, Clone)]
+pub struct TurnCommit {
+    pub session_id: String,
+    /// The session's owner (the index of its sessions is per owner).
+    pub owner: String,
+    /// Turns the session had when the turn was prepared: the commit applies only if it still has
+    /// exactly these.
+    pub expected_turns: usize,
+    pub turn: TurnRecord,
+    /// The images attached at this turn, with their soft prompts.
+    pub images: Vec<ImageRecord>,
+}
+
+/// Where sessions live. Every method is atomic on its own; see the module documentation.
+#[tonic::async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new session (with the turns and images it starts with) unless a limit of
+    /// `limits` is reached.
+    async fn create(&self, session: &Session, limits: Limits) -> Result<(), StoreError>;
+    /// The session with its turns and images, or `None` if there is none (or it expired).
+    async fn load(&self, session_id: &str) -> Result<Option<Session>, StoreError>;
+    /// The owner of the session, or `None` if there is none (or it expired): a cheap check
+    /// that reads no turns or soft prompts.
+    async fn owner(&self, session_id: &str) -> Result<Option<String>, StoreError>;
+    /// Marks the session used now (postpones its expiry).
+    async fn touch(&self, session_id: &str) -> Result<(), StoreError>;
+    /// Appends a finished turn, atomically and only if the session still has
+    /// `expected_turns` turns ([`StoreError::Conflict`] otherwise).
+    async fn commit(&self, commit: &TurnCommit) -> Result<(), StoreError>;
+    /// Removes a session; `false` if there was none.
+    async fn delete(&self, session_id: &str) -> Result<bool, StoreError>;
+    /// The unexpired sessions of `owner`, oldest first.
+    async fn list(&self, owner: &str) -> Result<Vec<SessionSummary>, StoreError>;
+    /// Sessions held now.
+    async fn count(&self) -> Result<usize, StoreError>;
+    /// Removes the sessions idle longer than the TTL; returns how many it removed.
+    async fn sweep(&self) -> Result<usize, StoreError>;
+}
+
+/// Whether a session last used at `last_used_ms` has expired at `now_ms`.
+pub(crate) fn expired(ttl: Option<Duration>, last_used_ms: i64, now_ms: i64) -> bool {
+    ttl.is_some_and(|ttl| now_ms.saturating_sub(last_used_ms) > ttl.as_millis() as i64)
+}
+
+/// A finished turn.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TurnRecord {
     pub turn_id: String,
     pub question: String,
@@ -39,11 +162,13 @@ pub struct TurnRecord {
     pub image_ids: Vec<String>,
     pub finish_reason: FinishReason,
     pub usage: Option<Usage>,
+    /// The client's idempotency key of the Chat that made it ("" if none).
+    pub idempotency_key: String,
 }
 
 /// An image of a session, with its soft prompt as the vision tier sent it: later turns send
 /// this again and never re-encode the image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageRecord {
     pub image_id: String,
     pub sha256: String,
@@ -52,30 +177,41 @@ pub struct ImageRecord {
     pub soft_prompt: Arc<SoftPrompt>,
 }
 
-/// One conversation.
-#[derive(Debug)]
+/// One conversation, as a store holds it (a snapshot: changes go through the store).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     pub session_id: String,
+    /// Hash of the API key that created it ("" when the tier takes no keys).
+    pub owner: String,
     pub created_at: i64,
+    /// Unix milliseconds of the last turn or read; the TTL counts from here.
+    pub last_used_ms: i64,
     pub template: PromptTemplate,
     pub default_params: GenerationParams,
     pub turns: Vec<TurnRecord>,
     pub images: Vec<ImageRecord>,
-    /// Held for a whole turn so the turns of a session stay in order.
-    pub turn_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Session {
-    pub fn new(template: PromptTemplate, default_params: GenerationParams) -> Self {
+    pub fn new(owner: String, template: PromptTemplate, default_params: GenerationParams) -> Self {
         Self {
             session_id: random_id(),
+            owner,
             created_at: unix_now(),
+            last_used_ms: unix_now_ms(),
             template,
             default_params,
             turns: Vec::new(),
             images: Vec::new(),
-            turn_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// The turn committed with idempotency key `key`, if any.
+    pub fn turn_with_key(&self, key: &str) -> Option<&TurnRecord> {
+        if key.is_empty() {
+            return None;
+        }
+        self.turns.iter().find(|turn| turn.idempotency_key == key)
     }
 
     /// The session as the API shows it.
@@ -150,6 +286,8 @@ pub struct Upload {
     pub sha256: String,
     /// The session it was uploaded for, if the client named one: no other session may use it.
     pub session_id: Option<String>,
+    /// Hash of the API key that uploaded it: no other key may use it.
+    pub owner: String,
     created: Instant,
 }
 
@@ -176,6 +314,7 @@ impl UploadStore {
         data: Vec<u8>,
         sha256: String,
         session_id: Option<String>,
+        owner: String,
     ) -> Result<String, SessionError> {
         let size = data.len();
         if !self.has_room(size) {
@@ -196,6 +335,7 @@ impl UploadStore {
                 data: Arc::new(data),
                 sha256,
                 session_id,
+                owner,
                 created: Instant::now(),
             },
         );
@@ -219,9 +359,12 @@ impl UploadStore {
         }
     }
 
-    /// The upload `id`, if it exists and `session_id` may use it.
-    pub fn get(&self, id: &str, session_id: &str) -> Option<Upload> {
+    /// The upload `id`, if it exists and `owner`'s session `session_id` may use it.
+    pub fn get(&self, id: &str, session_id: &str, owner: &str) -> Option<Upload> {
         let upload = self.uploads.get(id)?;
+        if upload.owner != owner {
+            return None;
+        }
         match &upload.session_id {
             Some(owner) if owner != session_id => None,
             _ => Some(upload.clone()),
@@ -273,13 +416,15 @@ mod tests {
     #[test]
     fn uploads_belong_to_their_session() {
         let store = UploadStore::default();
-        let free = store.insert(vec![1], "a".into(), None).unwrap();
+        let free = store.insert(vec![1], "a".into(), None, "k".into()).unwrap();
         let owned = store
-            .insert(vec![2, 3], "b".into(), Some("s1".into()))
+            .insert(vec![2, 3], "b".into(), Some("s1".into()), "k".into())
             .unwrap();
-        assert!(store.get(&free, "anyone").is_some());
-        assert!(store.get(&owned, "s1").is_some());
-        assert!(store.get(&owned, "s2").is_none());
+        assert!(store.get(&free, "anyone", "k").is_some());
+        assert!(store.get(&free, "anyone", "other key").is_none());
+        assert!(store.get(&owned, "s1", "k").is_some());
+        assert!(store.get(&owned, "s1", "other key").is_none());
+        assert!(store.get(&owned, "s2", "k").is_none());
         store.remove(&owned);
         assert_eq!(store.len(), 1);
         assert_eq!(store.bytes.load(Ordering::Relaxed), 1);

@@ -46,6 +46,8 @@ pub struct Job {
     pub dtype: DType,
     /// The request's span, so that the batch's span can point back to it.
     pub span: Span,
+    /// Open while the image waits for the model thread (closed when its batch starts).
+    pub queue: Span,
     pub reply: oneshot::Sender<Result<SoftPrompt, Error>>,
 }
 
@@ -113,6 +115,9 @@ fn run(
             }
         }
         batch.retain(|job| !job.reply.is_closed());
+        for job in &mut batch {
+            job.queue = Span::none();
+        }
         if !batch.is_empty() {
             encode_batch(shared, batch);
         }
@@ -125,6 +130,11 @@ fn encode_batch(shared: &Shared, batch: Vec<Job>) {
         span.follows_from(&job.span);
     }
     let _entered = span.enter();
+    // One `model` span in each image's own trace (a batch serves several traces).
+    let model_spans: Vec<Span> = batch
+        .iter()
+        .map(|job| tracing::info_span!(parent: &job.span, "model", batch_size = batch.len()))
+        .collect();
     shared.batches.fetch_add(1, Ordering::Relaxed);
     let pixel_values: Vec<Tensor> = batch.iter().map(|job| job.pixel_values.clone()).collect();
     // The thread outlives one bad batch: a panic in the model answers this batch with INTERNAL.
@@ -138,8 +148,9 @@ fn encode_batch(shared: &Shared, batch: Vec<Job>) {
         Err(_) => return answer_all(batch, Error::ModelPanicked),
     };
     tracing::debug!("batch encoded");
-    for (row, job) in batch.into_iter().enumerate() {
+    for ((row, job), model_span) in batch.into_iter().enumerate().zip(model_spans) {
         let result = finish(shared, &soft_prompts, row, &job);
+        drop(model_span);
         // A closed receiver means the client left meanwhile; the cache keeps the work.
         let _ = job.reply.send(result);
     }
@@ -223,6 +234,7 @@ mod tests {
             pixel_values,
             dtype: DType::F32,
             span: Span::none(),
+            queue: Span::none(),
             reply,
         };
         (job, receiver)

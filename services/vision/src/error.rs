@@ -28,6 +28,9 @@ pub enum Error {
     SoftPrompt(#[from] SoftPromptError),
     #[error("the vision model thread has stopped")]
     ModelThreadStopped,
+    /// The client's deadline (`grpc-timeout`) passed before every image was sent.
+    #[error("the call's deadline passed; the remaining images were not encoded")]
+    DeadlineExceeded,
     #[error("the vision model panicked while encoding this image")]
     ModelPanicked,
     #[error("a blocking task failed: {0}")]
@@ -64,6 +67,7 @@ impl Error {
             Error::Model(error) => error.error_type(),
             Error::SoftPrompt(_) => "soft_prompt",
             Error::ModelThreadStopped => "model_thread_stopped",
+            Error::DeadlineExceeded => "deadline_exceeded",
             Error::ModelPanicked => "model_panicked",
             Error::Blocking(_) => "blocking_task",
             Error::RepeatLost => "repeat_lost",
@@ -80,6 +84,7 @@ impl Error {
             Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::Model(error) => model_error(error).code(),
             Error::ModelThreadStopped => Code::Unavailable,
+            Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::SoftPrompt(_)
             | Error::ModelPanicked
             | Error::Blocking(_)

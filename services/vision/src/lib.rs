@@ -9,6 +9,8 @@
 //! - [`batcher`]: the model's own thread, running queued images in micro-batches.
 //! - [`cache`]: the byte-bounded LRU soft-prompt cache.
 //! - [`request`]: `EncodeRequest` checked into a validated type.
+//! - [`retrieval`], [`retrieval_index`]: `blip2.v1.RetrievalService` (image-text retrieval on a
+//!   `Blip2ForImageTextRetrieval` checkpoint) and its index.
 //! - [`error`]: the crate's error type and its mapping to gRPC statuses.
 //! - [`serve`]: the tier with health and reflection on a listener, until shutdown.
 
@@ -16,6 +18,8 @@ pub mod batcher;
 pub mod cache;
 pub mod error;
 pub mod request;
+pub mod retrieval;
+pub mod retrieval_index;
 pub mod service;
 
 use std::future::Future;
@@ -43,6 +47,8 @@ pub struct VisionConfig {
     pub max_batch_size: usize,
     /// How long the model thread waits after a first image for more to share its forward.
     pub batch_window: std::time::Duration,
+    /// After SIGTERM, how long running Encode calls may go on before they are cut.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for VisionConfig {
@@ -54,13 +60,15 @@ impl Default for VisionConfig {
             max_image_bytes: 20 << 20,
             max_batch_size: 8,
             batch_window: std::time::Duration::from_millis(2),
+            shutdown_grace: blip2_common::server::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
 
 /// Serves VisionService, grpc.health.v1 and reflection on `listener` until `shutdown` resolves,
-/// then finishes the calls in flight. Health of `blip2.v1.VisionService` and of the server ("")
-/// is SERVING while serving and NOT_SERVING from the moment shutdown starts.
+/// then finishes the calls in flight (for up to `VisionConfig::shutdown_grace`, then cuts them;
+/// see [`blip2_common::server::serve_gracefully`]). Health of `blip2.v1.VisionService` and of
+/// the server ("") is SERVING while serving and NOT_SERVING from the moment shutdown starts.
 pub async fn serve(
     tier: VisionTier,
     listener: tokio::net::TcpListener,
@@ -89,8 +97,7 @@ pub async fn serve_with(
         .set_serving::<VisionServiceServer<VisionTier>>()
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
-    let signal = async move {
-        shutdown.await;
+    let not_serving = async move {
         tracing::info!("vision tier shutting down");
         health
             .set_not_serving::<VisionServiceServer<VisionTier>>()
@@ -99,12 +106,21 @@ pub async fn serve_with(
             .set_service_status("", ServingStatus::NotServing)
             .await;
     };
-    blip2_common::tls::server_builder(tls)?
-        .add_routes(routes)
-        .add_service(tier.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            signal,
-        )
-        .await
+    blip2_common::metrics::registry().register(tier.metrics());
+    let grace = tier.config().shutdown_grace;
+    let drain = blip2_common::server::Drain::new();
+    let builder = blip2_common::tls::server_builder(tls)?
+        .layer(blip2_common::rpc::RpcLayer::new("vision"))
+        .layer(drain.layer());
+    let server = move |stop| {
+        let mut builder = builder;
+        builder
+            .add_routes(routes)
+            .add_service(tier.into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop,
+            )
+    };
+    blip2_common::server::serve_gracefully(server, drain, shutdown, not_serving, grace).await
 }

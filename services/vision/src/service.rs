@@ -122,6 +122,52 @@ impl VisionTier {
     fn model(&self) -> &Arc<Blip2Model> {
         &self.inner.shared.model
     }
+
+    /// The limits this tier runs with.
+    pub fn config(&self) -> &VisionConfig {
+        &self.inner.config
+    }
+
+    /// What the tier's metrics endpoint reads (while the tier lives).
+    pub fn metrics(&self) -> std::sync::Weak<dyn blip2_common::metrics::Collect> {
+        let inner: std::sync::Weak<Inner> = Arc::downgrade(&self.inner);
+        inner
+    }
+}
+
+impl blip2_common::metrics::Collect for Inner {
+    fn collect(&self, out: &mut blip2_common::metrics::Samples) {
+        let tier = || vec![("tier", "vision".to_string())];
+        let shared = &self.shared;
+        out.counter(
+            "blip2_vision_cache_hits_total",
+            "Images answered without running the model (soft-prompt cache, or repeated in a call).",
+            tier(),
+            shared.cache_hits.load(Ordering::Relaxed) as f64,
+        );
+        out.counter(
+            "blip2_vision_cache_misses_total",
+            "Images run through the vision model.",
+            tier(),
+            shared.images_encoded.load(Ordering::Relaxed) as f64,
+        );
+        out.counter(
+            "blip2_vision_batches_total",
+            "Forward passes of the vision model (each over a batch of images).",
+            tier(),
+            shared.batches.load(Ordering::Relaxed) as f64,
+        );
+        let active = self
+            .config
+            .max_concurrency
+            .saturating_sub(self.admission.available_permits());
+        out.gauge(
+            "blip2_vision_active_calls",
+            "Encode calls running now.",
+            tier(),
+            active as f64,
+        );
+    }
 }
 
 /// How many images one call may prepare ahead of the one being streamed.
@@ -139,6 +185,7 @@ impl VisionService for VisionTier {
     ) -> Result<Response<Self::EncodeStream>, Status> {
         let default_dtype = self.model().dtype().dtype();
         let config = &self.inner.config;
+        let deadline = blip2_common::deadline::deadline(&request);
         let request = ValidEncodeRequest::parse(request.into_inner(), config, default_dtype)
             .map_err(refuse)?;
         let permit = self
@@ -151,7 +198,7 @@ impl VisionService for VisionTier {
                     running: config.max_concurrency,
                 })
             })?;
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "encode",
             images = request.images.len(),
             dtype = request.dtype.as_str()
@@ -163,7 +210,7 @@ impl VisionService for VisionTier {
             prepare_all(self.inner.clone(), request, prepared_tx, permit.clone())
                 .instrument(span.clone()),
         );
-        tokio::spawn(stream_all(prepared_rx, response_tx, permit).instrument(span));
+        tokio::spawn(stream_all(prepared_rx, response_tx, permit, deadline).instrument(span));
         Ok(Response::new(ReceiverStream::new(response_rx)))
     }
 
@@ -235,7 +282,9 @@ async fn prepare(
         return Err(Error::NotCached { sha256 });
     };
     let model = shared.model.clone();
-    let pixel_values = blocking(move || model.preprocess(&data)).await??;
+    let pixel_values = blocking(move || model.preprocess(&data))
+        .instrument(tracing::info_span!("preprocess"))
+        .await??;
     let (reply, receiver) = oneshot::channel();
     inner
         .batcher
@@ -244,6 +293,7 @@ async fn prepare(
             pixel_values,
             dtype,
             span: Span::current(),
+            queue: tracing::info_span!("queue"),
             reply,
         })
         .await?;
@@ -251,11 +301,25 @@ async fn prepare(
 }
 
 /// The streamer: each image's response as soon as it is ready, then the end of the stream or
-/// the first error.
+/// the first error; DEADLINE_EXCEEDED when the client's deadline passes first (tonic's server
+/// timeout ends with the response headers), which also stops the preparer.
 async fn stream_all(
-    mut prepared: mpsc::Receiver<Result<Prepared, Error>>,
+    prepared: mpsc::Receiver<Result<Prepared, Error>>,
     out: mpsc::Sender<Result<EncodeResponse, Status>>,
     _permit: Arc<OwnedSemaphorePermit>,
+    deadline: Option<tokio::time::Instant>,
+) {
+    tokio::select! {
+        () = stream_each(prepared, &out) => {}
+        () = blip2_common::deadline::expired(deadline) => {
+            fail(&out, Error::DeadlineExceeded).await;
+        }
+    }
+}
+
+async fn stream_each(
+    mut prepared: mpsc::Receiver<Result<Prepared, Error>>,
+    out: &mpsc::Sender<Result<EncodeResponse, Status>>,
 ) {
     // This call's soft prompts by hash, for images that repeat an earlier one.
     let mut earlier: HashMap<String, SoftPrompt> = HashMap::new();
@@ -270,15 +334,15 @@ async fn stream_all(
                 };
                 match outcome {
                     Ok(Ok(soft_prompt)) => (soft_prompt, false),
-                    Ok(Err(error)) => return fail(&out, error.at_image(index as usize)).await,
-                    Err(_) => return fail(&out, Error::ModelThreadStopped).await,
+                    Ok(Err(error)) => return fail(out, error.at_image(index as usize)).await,
+                    Err(_) => return fail(out, Error::ModelThreadStopped).await,
                 }
             }
             Ok(Prepared::Repeat(sha256)) => match earlier.get(&sha256) {
                 Some(soft_prompt) => (soft_prompt.clone(), true),
-                None => return fail(&out, Error::RepeatLost.at_image(index as usize)).await,
+                None => return fail(out, Error::RepeatLost.at_image(index as usize)).await,
             },
-            Err(error) => return fail(&out, error).await,
+            Err(error) => return fail(out, error).await,
         };
         earlier.insert(soft_prompt.image_sha256.clone(), soft_prompt.clone());
         let response = EncodeResponse {

@@ -344,6 +344,7 @@ pub fn chat_request(session_id: &str, text: &str, images: Vec<TurnImage>) -> Cha
         text: text.to_string(),
         images,
         params: None,
+        idempotency_key: String::new(),
     }
 }
 
