@@ -308,6 +308,26 @@ async fn the_llm_tier_enforces_a_deadline_on_its_stream() {
     }
 }
 
+/// A draining session tier: a new call is refused with UNAVAILABLE, and the running turn
+/// `stream` still ends with `done`.
+async fn refuses_new_calls_and_finishes_the_turn(
+    client: &mut SessionServiceClient<Channel>,
+    stream: &mut Streaming<ChatEvent>,
+) {
+    let refused = client
+        .create_session(CreateSessionRequest::default())
+        .await
+        .expect_err("new calls are refused");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let mut done = false;
+    while let Some(event) = stream.message().await.expect("the turn goes on") {
+        if let Some(chat_event::Kind::Done(_)) = event.kind {
+            done = true;
+        }
+    }
+    assert!(done, "the turn ended without `done`");
+}
+
 async fn health(addr: &str) -> i32 {
     let mut client = HealthClient::new(connect(addr).await);
     let response = client
@@ -410,19 +430,7 @@ async fn sigterm_drains_the_session_tier() {
         .into_inner()
         .status;
     assert_eq!(status, ServingStatus::NotServing as i32);
-    let refused = client
-        .create_session(CreateSessionRequest::default())
-        .await
-        .expect_err("new calls are refused");
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    // The running turn finishes and is recorded.
-    let mut done = false;
-    while let Some(event) = stream.message().await.expect("the turn goes on") {
-        if let Some(chat_event::Kind::Done(_)) = event.kind {
-            done = true;
-        }
-    }
-    assert!(done, "the turn ended without `done`");
+    refuses_new_calls_and_finishes_the_turn(&mut client, &mut stream).await;
     let status = wait_exit(&mut session, Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
 }
@@ -571,18 +579,7 @@ async fn sigterm_drains_serve_all() {
     let signalled = Instant::now();
     signal(&all, "-TERM");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = client
-        .create_session(CreateSessionRequest::default())
-        .await
-        .expect_err("new calls are refused");
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    let mut done = false;
-    while let Some(event) = stream.message().await.expect("the turn goes on") {
-        if let Some(chat_event::Kind::Done(_)) = event.kind {
-            done = true;
-        }
-    }
-    assert!(done, "the turn ended without `done`");
+    refuses_new_calls_and_finishes_the_turn(&mut client, &mut stream).await;
     let status = wait_exit(&mut all, Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(5));

@@ -339,3 +339,62 @@ where
         }
     }
 }
+
+/// Serves one tier on `listener` until `shutdown` resolves, the same way for every tier:
+/// grpc.health.v1 and reflection beside the tier's service (added by `add_service`), health
+/// SERVING for `service_name` and for the server (""), TCP_NODELAY on every connection (tokens
+/// are small writes that Nagle's algorithm would hold back), the RPC layer (spans and metrics,
+/// labelled `tier`; calls refused while draining are counted too) outside the drain, and
+/// [`serve_gracefully`] with `grace`.
+pub async fn serve_tier(
+    tier: &'static str,
+    service_name: &'static str,
+    add_service: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    use tokio_stream::StreamExt;
+    use tonic_health::ServingStatus;
+
+    let (health, routes) = match standard_routes() {
+        Ok(standard) => standard,
+        Err(error) => {
+            // Only a broken descriptor set gets here: serve without reflection rather than not.
+            tracing::error!(%error, tier, "cannot build server reflection; serving without it");
+            let (health, service) = tonic_health::server::health_reporter();
+            (health, tonic::service::Routes::new(service))
+        }
+    };
+    for name in [service_name, ""] {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let routes = add_service(routes);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
+    let not_serving = async move {
+        tracing::info!(tier, "shutting down");
+        for name in [service_name, ""] {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let drain = Drain::new();
+    let builder = crate::tls::server_builder(tls)?
+        .layer(crate::rpc::RpcLayer::new(tier))
+        .layer(drain.layer());
+    let server = move |stop| {
+        let mut builder = builder;
+        builder
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stop)
+    };
+    serve_gracefully(server, drain, shutdown, not_serving, grace).await
+}

@@ -55,6 +55,14 @@ fn stop_signal(stops: &mut Vec<oneshot::Sender<()>>) -> impl std::future::Future
 }
 
 async fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> System {
+    start_configured(|_| {}, configure).await
+}
+
+/// The system with the session tier's and the gateway's configurations adjusted.
+async fn start_configured(
+    session_config: impl FnOnce(&mut blip2_session::SessionConfig),
+    configure: impl FnOnce(&mut GatewayConfig),
+) -> System {
     let dir = fixture(&format!("models/{MODEL}"));
     let model = Arc::new(Blip2Model::load(&dir, &LoadOptions::default()).unwrap());
     let mut stops = Vec::new();
@@ -80,13 +88,14 @@ async fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> System {
         llm_listener,
         stop_signal(&mut stops),
     ));
-    let session_tier = blip2_session::SessionTier::new(blip2_session::SessionConfig {
+    let mut config = blip2_session::SessionConfig {
         vision_addrs: vec![format!("http://{vision}")],
         llm_addrs: vec![format!("http://{llm}")],
         model_dir: Some(dir),
         ..blip2_session::SessionConfig::default()
-    })
-    .unwrap();
+    };
+    session_config(&mut config);
+    let session_tier = blip2_session::SessionTier::new(config).unwrap();
     tokio::spawn(blip2_session::serve(
         session_tier,
         session_listener,
@@ -481,4 +490,74 @@ async fn a_session_tier_that_is_down_is_503() {
     .await
     .unwrap();
     assert_error(&reply, 503, None);
+}
+
+/// POSTs a one-message chat completion; the HTTP status.
+async fn complete_status(http: &str, auth: Option<&str>) -> u16 {
+    let url = format!("{http}/v1/chat/completions");
+    let auth = auth.map(str::to_string);
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 3,
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut request = ureq::post(&url).set("Content-Type", "application/json");
+        if let Some(auth) = &auth {
+            request = request.set("Authorization", auth);
+        }
+        match request.send_string(&body.to_string()) {
+            Ok(response) => response.status(),
+            Err(ureq::Error::Status(status, _)) => status,
+            Err(error) => panic!("{error}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+async fn sessions_of_key(session: &str, key: Option<&str>) -> Result<usize, tonic::Status> {
+    let mut client = SessionServiceClient::connect(session.to_string())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(ListSessionsRequest {});
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    Ok(client
+        .list_sessions(request)
+        .await?
+        .into_inner()
+        .sessions
+        .len())
+}
+
+/// The gateway in front of a session tier that requires API keys: the client's `Authorization:
+/// Bearer` header reaches the session tier, so no key is a 401 and a key's sessions are its own.
+#[tokio::test]
+async fn the_bearer_key_reaches_the_session_tier() {
+    const KEY: &str = "gateway-test-key";
+    let system = start_configured(
+        |session| session.api_key_hashes = vec![blip2_session::auth::hash_key(KEY)],
+        |_| {},
+    )
+    .await;
+    assert_eq!(complete_status(&system.http, None).await, 401);
+    assert_eq!(
+        complete_status(&system.http, Some("Bearer wrong-key")).await,
+        401
+    );
+    assert_eq!(
+        complete_status(&system.http, Some(&format!("Bearer {KEY}"))).await,
+        200
+    );
+    // The session the gateway made belongs to the key.
+    assert_eq!(
+        sessions_of_key(&system.session, Some(KEY)).await.unwrap(),
+        1
+    );
+    let status = sessions_of_key(&system.session, None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }

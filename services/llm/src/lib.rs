@@ -40,8 +40,6 @@ use blip2_model::model::Blip2Model;
 use blip2_proto::v1::llm_service_server::LlmServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 
 pub use error::Error;
 pub use params::generation_params;
@@ -201,45 +199,18 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, routes) = match blip2_common::server::standard_routes() {
-        Ok(standard) => standard,
-        Err(error) => {
-            // Only a broken descriptor set gets here: serve without reflection rather than not.
-            tracing::error!(%error, "cannot build server reflection; serving without it");
-            let (health, service) = tonic_health::server::health_reporter();
-            (health, tonic::service::Routes::new(service))
-        }
-    };
-    health.set_serving::<LlmServiceServer<LlmTier>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm would hold them back.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
     // Shutdown: NOT_SERVING and new calls refused, running generations get the grace period,
     // then are cut (which cancels their sequences).
-    let grace = tier.inner.config.shutdown_grace;
-    let drain = blip2_common::server::Drain::new();
     blip2_common::metrics::registry().register(tier.metrics());
-    let builder = blip2_common::tls::server_builder(tls)?
-        .layer(drain.layer())
-        .layer(blip2_common::rpc::RpcLayer::new("llm"));
-    let not_serving = async move {
-        health.set_not_serving::<LlmServiceServer<LlmTier>>().await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    };
-    let server = move |stop| {
-        let mut builder = builder;
-        builder
-            .add_routes(routes)
-            .add_service(tier.into_server())
-            .serve_with_incoming_shutdown(incoming, stop)
-    };
-    blip2_common::server::serve_gracefully(server, drain, shutdown, not_serving, grace).await
+    let grace = tier.inner.config.shutdown_grace;
+    blip2_common::server::serve_tier(
+        "llm",
+        <LlmServiceServer<LlmTier> as tonic::server::NamedService>::NAME,
+        |routes| routes.add_service(tier.into_server()),
+        listener,
+        shutdown,
+        tls,
+        grace,
+    )
+    .await
 }

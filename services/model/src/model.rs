@@ -70,8 +70,9 @@ struct VisionParts {
     qformer: QFormer,
 }
 
-/// sha256 over config.json and the projection weights, as lowercase hex (first 32 chars).
-fn fingerprint(config: &Path, language_projection: &Linear) -> Result<String> {
+/// sha256 over config.json and one layer's weights (the language projection here, the ITM head
+/// of a retrieval checkpoint), as lowercase hex (first 32 chars).
+pub(crate) fn fingerprint(config: &Path, layer: &Linear) -> Result<String> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     let text = std::fs::read(config).map_err(|source| Error::Io {
@@ -79,7 +80,7 @@ fn fingerprint(config: &Path, language_projection: &Linear) -> Result<String> {
         source,
     })?;
     hasher.update(&text);
-    for tensor in std::iter::once(language_projection.weight()).chain(language_projection.bias()) {
+    for tensor in std::iter::once(layer.weight()).chain(layer.bias()) {
         let values: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         for v in values {
             hasher.update(v.to_le_bytes());

@@ -323,25 +323,6 @@ impl TextQFormer {
     }
 }
 
-/// sha256 over config.json and the ITM head, as lowercase hex (first 32 chars).
-fn fingerprint(config: &Path, head: &Linear) -> Result<String> {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    let text = std::fs::read(config).map_err(|source| Error::Io {
-        path: config.to_path_buf(),
-        source,
-    })?;
-    hasher.update(&text);
-    for tensor in std::iter::once(head.weight()).chain(head.bias()) {
-        let values: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        for v in values {
-            hasher.update(v.to_le_bytes());
-        }
-    }
-    let digest = hasher.finalize();
-    Ok(digest.iter().take(16).map(|b| format!("{b:02x}")).collect())
-}
-
 /// A loaded `Blip2ForImageTextRetrieval` checkpoint.
 pub struct RetrievalModel {
     config: Blip2Config,
@@ -382,7 +363,7 @@ impl RetrievalModel {
         };
         let mut model = Self::from_weights(config, root, &files.tokenizer, processor, &files.dir)
             .map_err(explain)?;
-        model.fingerprint = fingerprint(&files.config, &model.itm_head)?;
+        model.fingerprint = crate::model::fingerprint(&files.config, &model.itm_head)?;
         Ok(model)
     }
 

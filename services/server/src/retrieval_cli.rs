@@ -175,6 +175,8 @@ pub struct RetrievalServeArgs {
     #[arg(long, default_value_t = 4)]
     max_concurrency: usize,
     #[command(flatten)]
+    pub(crate) shutdown: crate::serve::ShutdownArgs,
+    #[command(flatten)]
     pub(crate) observability: crate::observability::ObservabilityArgs,
 }
 
@@ -190,6 +192,7 @@ pub async fn serve(
         max_top_k: args.max_top_k,
         max_rerank: args.max_rerank,
         max_concurrency: args.max_concurrency,
+        shutdown_grace: args.shutdown.grace(),
         ..RetrievalConfig::default()
     };
     let name = args.model.model.display().to_string();

@@ -224,7 +224,7 @@ impl Default for ShutdownArgs {
 }
 
 impl ShutdownArgs {
-    fn grace(&self) -> std::time::Duration {
+    pub(crate) fn grace(&self) -> std::time::Duration {
         std::time::Duration::try_from_secs_f64(self.shutdown_grace)
             .unwrap_or(blip2_common::server::DEFAULT_SHUTDOWN_GRACE)
     }
@@ -432,7 +432,7 @@ pub fn run(tier: Tier) -> Result<()> {
         Tier::Llm(args) => args.shutdown.grace(),
         Tier::Session(args) => args.shutdown.grace(),
         Tier::All(args) => args.shutdown.grace(),
-        Tier::Retrieval(_) => blip2_common::server::DEFAULT_SHUTDOWN_GRACE,
+        Tier::Retrieval(args) => args.shutdown.grace(),
     };
     exit_watchdog(&runtime, grace);
     let served = runtime.block_on(serve(tier));

@@ -341,47 +341,18 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     blip2_common::metrics::registry().register_async(tier.metrics());
-    let grace = tier.inner.config.shutdown_grace;
-    let service = tier.into_server();
-    let (health, routes) = match blip2_common::server::standard_routes() {
-        Ok((health, routes)) => {
-            health
-                .set_serving::<SessionServiceServer<SessionTier>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
-            (Some(health), routes.add_service(service))
-        }
-        // Only a broken descriptor set fails here; serve the API rather than nothing.
-        Err(error) => {
-            tracing::error!(%error, "health and reflection services unavailable");
-            (None, tonic::service::Routes::new(service))
-        }
-    };
-    let not_serving = async move {
-        if let Some(health) = health {
-            health
-                .set_not_serving::<SessionServiceServer<SessionTier>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-    };
     // Shutdown: NOT_SERVING and new calls refused, running turns get the grace period, then are
     // cut (and recorded as nothing, like any turn whose client left).
-    let drain = blip2_common::server::Drain::new();
-    let builder = blip2_common::tls::server_builder(tls)?
-        .layer(blip2_common::rpc::RpcLayer::new("session"))
-        .layer(drain.layer());
-    let server = move |stop| {
-        let mut builder = builder;
-        builder
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, stop)
-    };
-    blip2_common::server::serve_gracefully(server, drain, shutdown, not_serving, grace).await
+    let grace = tier.inner.config.shutdown_grace;
+    blip2_common::server::serve_tier(
+        "session",
+        <SessionServiceServer<SessionTier> as tonic::server::NamedService>::NAME,
+        |routes| routes.add_service(tier.into_server()),
+        listener,
+        shutdown,
+        tls,
+        grace,
+    )
+    .await
 }

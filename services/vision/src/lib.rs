@@ -25,7 +25,6 @@ pub mod service;
 use std::future::Future;
 
 use blip2_proto::v1::vision_service_server::VisionServiceServer;
-use tonic_health::ServingStatus;
 
 pub use error::Error;
 pub use service::VisionTier;
@@ -84,43 +83,16 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, routes) = match blip2_common::server::standard_routes() {
-        Ok(standard) => standard,
-        Err(error) => {
-            // Only a broken descriptor set gets here; serve without reflection rather than not.
-            tracing::error!(%error, "server reflection unavailable");
-            let (health, service) = tonic_health::server::health_reporter();
-            (health, tonic::service::Routes::new(service))
-        }
-    };
-    health
-        .set_serving::<VisionServiceServer<VisionTier>>()
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    let not_serving = async move {
-        tracing::info!("vision tier shutting down");
-        health
-            .set_not_serving::<VisionServiceServer<VisionTier>>()
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-    };
     blip2_common::metrics::registry().register(tier.metrics());
     let grace = tier.config().shutdown_grace;
-    let drain = blip2_common::server::Drain::new();
-    let builder = blip2_common::tls::server_builder(tls)?
-        .layer(blip2_common::rpc::RpcLayer::new("vision"))
-        .layer(drain.layer());
-    let server = move |stop| {
-        let mut builder = builder;
-        builder
-            .add_routes(routes)
-            .add_service(tier.into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stop,
-            )
-    };
-    blip2_common::server::serve_gracefully(server, drain, shutdown, not_serving, grace).await
+    blip2_common::server::serve_tier(
+        "vision",
+        <VisionServiceServer<VisionTier> as tonic::server::NamedService>::NAME,
+        |routes| routes.add_service(tier.into_server()),
+        listener,
+        shutdown,
+        tls,
+        grace,
+    )
+    .await
 }

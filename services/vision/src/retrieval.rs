@@ -23,7 +23,6 @@ use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 
 use crate::retrieval_index::{IndexError, NewImage, NewText, RetrievalIndex, Scored};
 
@@ -47,6 +46,8 @@ pub struct RetrievalConfig {
     pub batch_size: usize,
     /// Largest request message in bytes (the images of one call together).
     pub max_request_bytes: usize,
+    /// How long calls in flight may go on after shutdown starts (then they are cut).
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for RetrievalConfig {
@@ -60,6 +61,7 @@ impl Default for RetrievalConfig {
             max_concurrency: 4,
             batch_size: 8,
             max_request_bytes: 64 << 20,
+            shutdown_grace: blip2_common::server::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -720,34 +722,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> std::result::Result<(), tonic::transport::Error> {
-    let (health, routes) = match blip2_common::server::standard_routes() {
-        Ok(standard) => standard,
-        Err(error) => {
-            tracing::error!(%error, "server reflection unavailable");
-            let (health, service) = tonic_health::server::health_reporter();
-            (health, tonic::service::Routes::new(service))
-        }
-    };
-    health
-        .set_serving::<RetrievalServiceServer<RetrievalTier>>()
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("retrieval tier shutting down");
-        health
-            .set_not_serving::<RetrievalServiceServer<RetrievalTier>>()
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-    };
-    blip2_common::tls::server_builder(tls)?
-        .add_routes(routes)
-        .add_service(tier.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            signal,
-        )
-        .await
+    let grace = tier.inner.config.shutdown_grace;
+    blip2_common::server::serve_tier(
+        "retrieval",
+        <RetrievalServiceServer<RetrievalTier> as tonic::server::NamedService>::NAME,
+        |routes| routes.add_service(tier.into_server()),
+        listener,
+        shutdown,
+        tls,
+        grace,
+    )
+    .await
 }
