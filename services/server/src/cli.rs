@@ -42,6 +42,21 @@ enum Command {
     Match(crate::retrieval_cli::MatchArgs),
     /// Print the normalised ITC embedding(s) of an image or a text (retrieval checkpoint).
     Embed(crate::retrieval_cli::EmbedArgs),
+    /// Training data: `train world` writes the synthetic shapes world (images, captions and
+    /// questions in train/val/test manifests).
+    #[command(subcommand)]
+    Train(crate::train_cli::TrainCommand),
+    /// Score a running system: `eval world` asks the session tier the held-out questions of
+    /// the shapes world (exact match per type, caption CIDEr-D, retrieval R@1).
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// VQA accuracy, caption quality and (with --retrieval) R@1 on a world split, through the
+    /// session tier's gRPC API.
+    World(crate::eval_world::EvalWorldArgs),
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +185,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Keys(command) => crate::session_state::run_keys(command),
         Command::Match(args) => crate::retrieval_cli::run_match(args),
         Command::Embed(args) => crate::retrieval_cli::run_embed(args),
+        Command::Train(command) => crate::train_cli::run(command),
+        Command::Eval(EvalCommand::World(args)) => crate::eval_world::run(args),
         Command::Bench(BenchArgs {
             command: Some(BenchCommand::Load(load)),
             ..

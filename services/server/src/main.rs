@@ -9,11 +9,13 @@ mod bench_retrieval;
 mod bench_stats;
 mod cli;
 mod default_model;
+mod eval_world;
 mod http_gateway;
 mod observability;
 mod retrieval_cli;
 mod serve;
 mod session_state;
+mod train_cli;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,18 @@
+//! Training data and evaluation for BLIP-2's Q-Former training (issue 9, in progress):
+//!
+//! - [`world`]: the synthetic shapes world (images of coloured shapes with captions and
+//!   question-answer pairs) that the demo checkpoint is to be trained and evaluated on;
+//! - [`data`]: image-text pairs from a JSONL manifest or a directory, every bad line reported
+//!   with its place;
+//! - [`metrics`]: exact match, CIDEr-D and attribute recall, as `blip2 eval world` scores a
+//!   running system.
+//!
+//! The two training stages themselves (ITC/ITM/ITG, then the LM loss through the frozen LLM)
+//! are not written yet; docs/training.md says what exists and what is left.
+
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod world;
+
+pub use error::{Error, Result};
