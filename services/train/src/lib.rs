@@ -5,14 +5,19 @@
 //! - [`data`]: image-text pairs from a JSONL manifest or a directory, every bad line reported
 //!   with its place;
 //! - [`metrics`]: exact match, CIDEr-D and attribute recall, as `blip2 eval world` scores a
-//!   running system.
+//!   running system;
+//! - [`nn`] and [`optim`]: the first training primitives, differentiable layer norm,
+//!   cross-entropy with label smoothing and ignored labels, AdamW with LAVIS' parameter groups,
+//!   the warm-up + cosine schedule and gradient clipping.
 //!
-//! The two training stages themselves (ITC/ITM/ITG, then the LM loss through the frozen LLM)
-//! are not written yet; docs/training.md says what exists and what is left.
+//! The models and the two training stages (ITC/ITM/ITG, then the LM loss through the frozen
+//! LLM) are not written yet; docs/training.md says what exists and what is left.
 
 pub mod data;
 pub mod error;
 pub mod metrics;
+pub mod nn;
+pub mod optim;
 pub mod world;
 
 pub use error::{Error, Result};
