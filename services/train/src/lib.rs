@@ -8,16 +8,21 @@
 //!   running system;
 //! - [`nn`] and [`optim`]: the first training primitives, differentiable layer norm,
 //!   cross-entropy with label smoothing and ignored labels, AdamW with LAVIS' parameter groups,
-//!   the warm-up + cosine schedule and gradient clipping.
+//!   the warm-up + cosine schedule and gradient clipping;
+//! - [`qformer`] and [`stage1`]: a differentiable Q-Former over named trainable parameters and
+//!   stage 1's ITC, ITM and ITG losses as LAVIS computes them, equal to PyTorch's losses and
+//!   gradients (tests/stage1.rs).
 //!
-//! The models and the two training stages (ITC/ITM/ITG, then the LM loss through the frozen
-//! LLM) are not written yet; docs/training.md says what exists and what is left.
+//! Stage 2 (the LM loss through the frozen LLM), the training loop and the trained demo
+//! checkpoint are not written yet; docs/training.md says what exists and what is left.
 
 pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod nn;
 pub mod optim;
+pub mod qformer;
+pub mod stage1;
 pub mod world;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Differentiable building blocks for training, written with candle ops that have a backward
 //! pass (`blip2-model`'s inference kernels and candle-nn's fused layer norm have none).
 
+use blip2_model::config::Activation;
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
@@ -85,16 +86,14 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     })
 }
 
-/// The activation named by a Hugging Face config (`hidden_act` / `activation_function`).
-pub fn activation(name: &str, xs: &Tensor) -> Result<Tensor> {
-    Ok(match name {
-        "gelu" => xs.gelu_erf()?,
-        "gelu_new" | "gelu_pytorch_tanh" => xs.gelu()?,
-        "relu" => xs.relu()?,
-        "quick_gelu" => (xs * sigmoid(&(xs * 1.702)?)?)?,
-        "silu" | "swish" => (xs * sigmoid(xs)?)?,
-        "tanh" => xs.tanh()?,
-        other => return Err(Error::Invalid(format!("unknown activation `{other}`"))),
+/// A config's activation (`hidden_act` / `activation_function`), differentiable in every dtype.
+pub fn activation(act: Activation, xs: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Gelu => xs.gelu_erf()?,
+        Activation::GeluTanh => xs.gelu()?,
+        Activation::Relu => xs.relu()?,
+        Activation::QuickGelu => (xs * sigmoid(&(xs * 1.702)?)?)?,
+        Activation::Silu => (xs * sigmoid(xs)?)?,
     })
 }
 
