@@ -1,10 +1,11 @@
-//! `blip2 train`: training data for the Q-Former's two-stage training. `train world` writes the
-//! synthetic shapes world (blip2_train::world); the training stages themselves are not written
-//! yet (docs/training.md).
+//! `blip2 train`: the Q-Former's training. `train world` writes the synthetic shapes world
+//! (blip2_train::world); `train stage1` runs stage 1 (blip2_train::stage1_run). Stage 2 is not
+//! written yet (docs/training.md).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use blip2_train::stage1_run::{self, Stage1Options};
 use blip2_train::world::{self, WorldConfig};
 use clap::{Args, Subcommand};
 
@@ -13,6 +14,50 @@ pub enum TrainCommand {
     /// Write the synthetic shapes world: images of one to four objects of one shape and
     /// colour in one half of the image, with captions and questions (train/val/test).
     World(WorldArgs),
+    /// Stage 1 (ITC + ITM + ITG) on the captions of a manifest or directory, the vision encoder
+    /// frozen, from a Blip2ForImageTextRetrieval checkpoint; writes the trained checkpoint
+    /// (same layout, plus itg_head.* and temp) to --out.
+    Stage1(Stage1Args),
+}
+
+#[derive(Args, Debug)]
+pub struct Stage1Args {
+    /// A Blip2ForImageTextRetrieval checkpoint directory (the vision encoder stays frozen).
+    #[arg(long)]
+    model: PathBuf,
+    /// A JSONL manifest (`{"image", "text"}` per line) or a directory of images with .txt
+    /// captions; lines with a `prompt` are left out.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the trained checkpoint (replaced atomically at the end).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW), reached after --warmup-steps, then cosine decay to --min-lr.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: usize,
+    /// AdamW's decoupled weight decay (not on biases, norms and `temp`).
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// Global gradient-norm limit.
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Seed of the data order and of ITM's negative sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop at the first bad manifest line instead of reporting and skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Print the losses every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
 }
 
 #[derive(Args, Debug)]
@@ -36,6 +81,7 @@ pub struct WorldArgs {
 
 pub fn run(command: TrainCommand) -> Result<()> {
     match command {
+        TrainCommand::Stage1(args) => stage1(args),
         TrainCommand::World(args) => {
             let cfg = WorldConfig {
                 image_size: args.image_size,
@@ -61,4 +107,51 @@ pub fn run(command: TrainCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn stage1(args: Stage1Args) -> Result<()> {
+    let opts = Stage1Options {
+        model: args.model,
+        data: args.data,
+        out: args.out,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup_steps: args.warmup_steps,
+        weight_decay: args.weight_decay,
+        grad_clip: args.grad_clip,
+        seed: args.seed,
+        strict: args.strict,
+        log_every: args.log_every,
+    };
+    let started = std::time::Instant::now();
+    let every = opts.log_every;
+    let total = opts.steps;
+    let report = stage1_run::run(&opts, |step, l| {
+        if every > 0 && (step % every == 0 || step + 1 == total) {
+            let rate = (step + 1) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "step {:>6}/{total}  itc {:.4}  itm {:.4}  itg {:.4}  total {:.4}  {rate:.1} steps/s",
+                step + 1,
+                l[0],
+                l[1],
+                l[2],
+                l[3]
+            );
+        }
+    })
+    .with_context(|| format!("stage 1 from {}", opts.model.display()))?;
+    for line in &report.skipped {
+        eprintln!("skipped {line}");
+    }
+    println!(
+        "stage 1: {} steps on {} captions of {} images in {:.1} s; wrote {}",
+        report.losses.len(),
+        report.pairs,
+        report.images,
+        report.seconds,
+        opts.out.display()
+    );
+    Ok(())
 }

@@ -11,7 +11,7 @@
 //!   the warm-up + cosine schedule and gradient clipping;
 //! - [`qformer`] and [`stage1`]: a differentiable Q-Former over named trainable parameters and
 //!   stage 1's ITC, ITM and ITG losses as LAVIS computes them, equal to PyTorch's losses and
-//!   gradients (tests/stage1.rs).
+//!   gradients (tests/stage1.rs); [`stage1_run`] runs stage 1 on a manifest (`blip2 train stage1`).
 //!
 //! Stage 2 (the LM loss through the frozen LLM), the training loop and the trained demo
 //! checkpoint are not written yet; docs/training.md says what exists and what is left.
@@ -23,6 +23,7 @@ pub mod nn;
 pub mod optim;
 pub mod qformer;
 pub mod stage1;
+pub mod stage1_run;
 pub mod world;
 
 pub use error::{Error, Result};
