@@ -10,9 +10,11 @@
 //! | colour    | red, green, blue, yellow, purple, orange |
 //! | shape     | circle, square, triangle, diamond |
 //! | count     | one, two, three, four |
-//! | position  | left, right, top, bottom (the half that holds every object) |
+//! | position  | left, right, top, bottom (the only half that holds every object) |
 //!
-//! so every answer is decidable from the pixels. Each image gets a caption
+//! so every answer is decidable from the pixels: the objects of a "left" image also reach into
+//! both the top and the bottom half (they straddle the horizontal midline), so no other
+//! position holds for them, and likewise for the other three. Each image gets a caption
 //! (`"three red circles on the left"`) and one question per type, each phrased one of two or
 //! three ways, with a one-word answer (`colour`, `shape`, `count`, `position`), plus a
 //! `describe` question whose answer is the caption. Prompts are the serving template's
@@ -267,7 +269,25 @@ pub fn render(scene: &Scene, size: u32, rng: &mut StdRng) -> Result<RgbImage> {
                 placed.push((cx, cy, r));
             }
         }
-        if placed.len() == count {
+        // The position must be the only half that holds every object: the group straddles the
+        // other midline (for left/right, the horizontal one) by at least 2 px on each side.
+        let straddles = |(lo, hi): (f32, f32)| lo < s / 2.0 - 2.0 && hi > s / 2.0 + 2.0;
+        let extent = |axis: fn(&(f32, f32, f32)) -> f32| {
+            let lo = placed
+                .iter()
+                .map(|o| axis(o) - o.2)
+                .fold(f32::MAX, f32::min);
+            let hi = placed
+                .iter()
+                .map(|o| axis(o) + o.2)
+                .fold(f32::MIN, f32::max);
+            (lo, hi)
+        };
+        let unambiguous = match POSITIONS[scene.position] {
+            "left" | "right" => straddles(extent(|o| o.1)),
+            _ => straddles(extent(|o| o.0)),
+        };
+        if placed.len() == count && unambiguous {
             let color = Rgb(COLORS[scene.color].1);
             for (cx, cy, r) in placed {
                 draw(&mut img, SHAPES[scene.shape], cx, cy, r, color);

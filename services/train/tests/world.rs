@@ -114,6 +114,16 @@ fn the_answers_are_in_the_pixels() {
                 _ => (halves[3], halves[2]),
             };
             assert_eq!((inside, outside), (one, 0), "position {position}");
+            // ... and in no other half: the objects reach both halves of the other axis.
+            let (a, b) = if position < 2 {
+                (halves[2], halves[3])
+            } else {
+                (halves[0], halves[1])
+            };
+            assert!(
+                a > 0 && b > 0,
+                "position {position} is ambiguous: {halves:?}"
+            );
         }
     }
 }
