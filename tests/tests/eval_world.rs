@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use blip2_train::metrics::exact_match;
 use common::{blip2_binary, fixture, spawn};
 
 fn blip2(args: &[&str]) -> std::process::Output {
@@ -14,15 +15,6 @@ fn blip2(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running blip2")
-}
-
-fn normalize(s: &str) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
-        .trim_end_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
-        .to_string()
 }
 
 #[test]
@@ -122,11 +114,7 @@ fn eval_world_asks_every_question_through_the_session_tier() {
     for a in answers {
         let answer = a["answer"].as_str().unwrap();
         let expected = a["expected"].as_str().unwrap();
-        assert_eq!(
-            a["correct"],
-            normalize(answer) == normalize(expected),
-            "{a}"
-        );
+        assert_eq!(a["correct"], exact_match(answer, expected), "{a}");
         if a["kind"] != "describe" {
             one_word += 1;
             correct += usize::from(a["correct"] == true);

@@ -123,10 +123,9 @@ fn stage1(args: Stage1Args) -> Result<()> {
         grad_clip: args.grad_clip,
         seed: args.seed,
         strict: args.strict,
-        log_every: args.log_every,
     };
     let started = std::time::Instant::now();
-    let every = opts.log_every;
+    let every = args.log_every;
     let total = opts.steps;
     let report = stage1_run::run(&opts, |step, l| {
         if every > 0 && (step % every == 0 || step + 1 == total) {

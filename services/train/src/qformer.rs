@@ -10,7 +10,7 @@
 //! image features (layers `i % cross_attention_frequency == 0`) and the query FFN, for the
 //! rest (text) the text FFN.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use blip2_model::config::QFormerConfig;
@@ -67,6 +67,11 @@ impl Params {
             .collect()
     }
 
+    /// The trainable variable named `name`, if it is one.
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
     /// The tensor named `name` (a variable's current value, tracked for gradients).
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         if let Some(v) = self.vars.get(name) {
@@ -82,7 +87,7 @@ impl Params {
     }
 
     /// Every tensor with its current value (variables detached), for saving.
-    pub fn snapshot(&self) -> BTreeMap<String, Tensor> {
+    pub fn snapshot(&self) -> HashMap<String, Tensor> {
         self.tensors
             .iter()
             .map(|(name, t)| {

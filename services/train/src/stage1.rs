@@ -259,10 +259,8 @@ pub fn losses<R: Rng>(
 
 /// Clamps `temp` into `[0.001, 0.5]` (LAVIS, after each update).
 pub fn clamp_temp(params: &Params) -> Result<()> {
-    for (name, var) in params.trainable() {
-        if name == "temp" {
-            var.set(&var.as_detached_tensor().clamp(0.001, 0.5)?)?;
-        }
+    if let Some(var) = params.var("temp") {
+        var.set(&var.as_detached_tensor().clamp(0.001, 0.5)?)?;
     }
     Ok(())
 }

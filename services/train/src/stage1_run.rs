@@ -12,7 +12,7 @@
 //! copied: written into `OUT.tmp` and renamed over `OUT`, so an interrupted run never leaves a
 //! half-written checkpoint. Not yet: accumulation, resume, intermediate checkpoints, signals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -46,8 +46,6 @@ pub struct Stage1Options {
     pub seed: u64,
     /// Stop at the first bad manifest line instead of skipping it.
     pub strict: bool,
-    /// Print a line every this many steps (0: never).
-    pub log_every: usize,
 }
 
 /// What a run did.
@@ -260,8 +258,7 @@ fn save(params: &Params, model_dir: &Path, out: &Path) -> Result<()> {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let tensors: BTreeMap<String, Tensor> = params.snapshot();
-    let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let tensors = params.snapshot();
     let weights = tmp.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights)?;
     for name in TOKENIZER_FILES {

@@ -25,7 +25,6 @@ fn options(dir: &Path) -> Stage1Options {
         grad_clip: 1.0,
         seed: 1,
         strict: true,
-        log_every: 0,
     }
 }
 
