@@ -152,3 +152,86 @@ fn eval_world_asks_every_question_through_the_session_tier() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the session tier"));
     let _ = std::fs::remove_dir_all(Path::new(&dir));
 }
+
+/// The embedded default is the demo checkpoint trained by `scripts/train-demo`: served with no
+/// `--model`, it answers questions about shapes-world images it never saw (another seed than
+/// its training world) through the session tier, and its stage-1 companion
+/// (`models/shapes-demo-retrieval`) finds images by their captions.
+#[test]
+fn the_embedded_default_sees_new_world_images() {
+    let dir = std::env::temp_dir().join(format!("blip2-e2e-default-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let world = dir.to_str().unwrap();
+    let out = blip2(&[
+        "train",
+        "world",
+        "--out",
+        world,
+        "--train-images",
+        "1",
+        "--val-images",
+        "1",
+        "--test-images",
+        "16",
+        "--seed",
+        "77",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vision = spawn(&["vision", "--listen", "127.0.0.1:0"]);
+    let llm = spawn(&["llm", "--listen", "127.0.0.1:0"]);
+    let session = spawn(&[
+        "session",
+        "--listen",
+        "127.0.0.1:0",
+        "--vision",
+        &vision.addr,
+        "--llm",
+        &llm.addr,
+    ]);
+    let retrieval_model = common::root().join("models/shapes-demo-retrieval");
+    let retrieval = spawn(&[
+        "retrieval",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        retrieval_model.to_str().unwrap(),
+    ]);
+    let report_path = dir.join("report.json");
+    let out = blip2(&[
+        "eval",
+        "world",
+        "--session",
+        &session.addr,
+        "--data",
+        world,
+        "--retrieval",
+        &retrieval.addr,
+        "--json",
+        report_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["questions"], 80);
+    // 64 one-word questions; chance is 1/6 for colours and 1/4 for the rest.
+    let accuracy = report["vqa_accuracy"].as_f64().unwrap();
+    eprintln!(
+        "embedded default on 16 new images: VQA {accuracy}, by type {}, caption attribute recall {}, R@1 {}",
+        report["accuracy_by_type"], report["caption_attribute_recall"], report["retrieval_r_at_1"]
+    );
+    assert!(accuracy >= 0.8, "VQA accuracy {accuracy}: {report}");
+    let recall = report["caption_attribute_recall"].as_f64().unwrap();
+    assert!(recall >= 0.8, "caption attribute recall {recall}");
+    // Text-to-image R@1 over 16 images: chance is about 1/16.
+    let r1 = report["retrieval_r_at_1"].as_f64().unwrap();
+    assert!(r1 >= 0.5, "R@1 {r1}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

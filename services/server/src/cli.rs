@@ -63,7 +63,7 @@ enum EvalCommand {
 struct ModelArgs {
     /// Checkpoint directory in the Hugging Face layout, or a Hugging Face repo id (owner/name,
     /// fetched into the HF cache; needs the `hub` feature); without it, the small checkpoint
-    /// embedded in the binary (random weights, for trying the system out).
+    /// embedded in the binary (the shapes-world demo checkpoint, models/shapes-demo).
     #[arg(long, env = "BLIP2_MODEL")]
     model: Option<PathBuf>,
     /// Weight precision (the Q-Former stays f32).

@@ -1,7 +1,9 @@
 //! Where `--model` points: a checkpoint directory, a Hugging Face repo id (feature `hub`), or,
-//! with no `--model`, the embedded default checkpoint: the small random OPT checkpoint committed
-//! under `tests/fixtures/models/opt-a`, compiled into the binary so that `blip2` works on a fresh
-//! machine. It is written out to a cache directory on first use.
+//! with no `--model`, the embedded default checkpoint: the shapes-world demo checkpoint committed
+//! under `models/shapes-demo` (a 0.7 M-parameter BLIP-2 with OPT, trained from scratch by
+//! `scripts/train-demo`, docs/training.md), compiled into the binary so that `blip2` works on a
+//! fresh machine and answers questions about shapes-world images. It is written out to a cache
+//! directory on first use.
 
 use std::path::{Path, PathBuf};
 
@@ -38,7 +40,7 @@ fn from_hub(repo_id: &str) -> Result<PathBuf> {
 
 macro_rules! embedded {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/opt-a/", $name)) as &[u8])),*]
+        &[$(($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/shapes-demo/", $name)) as &[u8])),*]
     };
 }
 

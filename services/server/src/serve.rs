@@ -69,7 +69,9 @@ impl ModelFlags {
             .model
             .as_ref()
             .map(|d| d.display().to_string())
-            .unwrap_or_else(|| "embedded-default (random weights)".to_string());
+            .unwrap_or_else(|| {
+                "embedded-default (the shapes-world demo, models/shapes-demo)".to_string()
+            });
         Ok((Arc::new(model), name))
     }
 }

@@ -10,14 +10,22 @@
 //! A line that cannot be used (not JSON, no `image` or `text`, a missing or undecodable image)
 //! is reported as `file:line: reason` in [`Dataset::skipped`] and left out, or with `strict`
 //! stops the load with [`Error::Manifest`]: never silently dropped.
+//!
+//! Also here: [`load_labels`] (the world's `labels.jsonl`, images with attribute indices for
+//! pretraining an image encoder), [`load_text`] (`text.txt`, for pretraining a language model)
+//! and [`batches`] (the seeded order of an epoch).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use blip2_model::processor::ImageProcessor;
 use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 
 use crate::error::{Error, Result};
+use crate::world::ATTRIBUTES;
 
 /// One image-text training pair.
 #[derive(Debug, Clone)]
@@ -35,6 +43,47 @@ pub struct Pair {
     pub prompt: Option<String>,
     /// The line's other fields (the world's `kind`, `type`, `attributes`).
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Pair {
+    fn extra_str(&self, name: &str) -> Option<&str> {
+        self.extra.get(name).and_then(|v| v.as_str())
+    }
+
+    /// The line's `kind` (the world's `"caption"` or `"qa"`), if it has one.
+    pub fn kind(&self) -> Option<&str> {
+        self.extra_str("kind")
+    }
+
+    /// The line's `type` (the world's `"caption"`, `"color"`, `"shape"`, `"count"`,
+    /// `"position"` or `"describe"`), if it has one.
+    pub fn question_type(&self) -> Option<&str> {
+        self.extra_str("type")
+    }
+
+    /// Whether this is a plain caption: no prompt, and no `kind` other than `"caption"`.
+    pub fn is_caption(&self) -> bool {
+        self.prompt.is_none() && self.kind().is_none_or(|k| k == "caption")
+    }
+
+    /// The words of the line's `attributes` object (`{"color": "red", ...}`): the world's
+    /// attributes first, in the order of [`ATTRIBUTES`], then any others by name.
+    pub fn attribute_words(&self) -> Vec<String> {
+        let Some(serde_json::Value::Object(map)) = self.extra.get("attributes") else {
+            return Vec::new();
+        };
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort_by_key(|name| {
+            ATTRIBUTES
+                .iter()
+                .position(|(a, _)| a == name)
+                .unwrap_or(ATTRIBUTES.len())
+        });
+        names
+            .into_iter()
+            .filter_map(|name| map.get(name).and_then(|v| v.as_str()).map(str::to_string))
+            .collect()
+    }
 }
 
 /// What a load produced.
@@ -240,4 +289,148 @@ pub fn load_directory(dir: &Path, processor: &ImageProcessor, strict: bool) -> R
         }
     }
     Ok(loader.finish())
+}
+
+/// One image of `labels.jsonl` with its attribute indices.
+#[derive(Debug, Clone)]
+pub struct LabeledImage {
+    /// The image preprocessed by the checkpoint's image processor: `[3, H, W]` f32.
+    pub pixels: Tensor,
+    pub image: PathBuf,
+    /// The line's `split` (`"train"`, `"val"`, `"test"`, `"novel"`), if it has one.
+    pub split: Option<String>,
+    /// One class index per head of [`LabelSet::heads`].
+    pub labels: Vec<usize>,
+}
+
+/// What [`load_labels`] produced.
+#[derive(Debug, Default)]
+pub struct LabelSet {
+    /// The classification heads: (attribute, number of classes), the world's [`ATTRIBUTES`].
+    pub heads: Vec<(String, usize)>,
+    pub images: Vec<LabeledImage>,
+    /// The lines left out, each as `file:line: reason`.
+    pub skipped: Vec<String>,
+}
+
+/// Loads the world's `labels.jsonl`: per line `{"image", "split", "color", "shape", "count",
+/// "position"}` with class indices (see [`crate::world::ATTRIBUTES`]), image paths relative
+/// to the file's directory. With `split`, only that split's lines are read (the others are
+/// neither decoded nor reported). Bad lines (not JSON, a missing or out-of-range label, a
+/// missing or undecodable image) are reported and skipped as in [`load_manifest`], or with
+/// `strict` stop the load.
+pub fn load_labels(
+    path: &Path,
+    processor: &ImageProcessor,
+    split: Option<&str>,
+    strict: bool,
+) -> Result<LabelSet> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut loader = Loader {
+        processor,
+        strict,
+        index: HashMap::new(),
+        pixels: Vec::new(),
+        dataset: Dataset::default(),
+    };
+    let mut images = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line_no = n + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(_) => {
+                loader.bad(path, line_no, "not a JSON object".into())?;
+                continue;
+            }
+            Err(e) => {
+                loader.bad(path, line_no, format!("not JSON: {e}"))?;
+                continue;
+            }
+        };
+        let line_split = fields
+            .get("split")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        if let Some(wanted) = split {
+            if line_split.as_deref() != Some(wanted) {
+                continue;
+            }
+        }
+        let parsed = (|| -> std::result::Result<_, String> {
+            let image = fields
+                .get("image")
+                .and_then(|v| v.as_str())
+                .ok_or("no `image`")?;
+            let labels = ATTRIBUTES
+                .iter()
+                .map(
+                    |&(name, classes)| match fields.get(name).and_then(|v| v.as_u64()) {
+                        Some(i) if (i as usize) < classes => Ok(i as usize),
+                        Some(i) => Err(format!("`{name}` {i} is out of range (0..{classes})")),
+                        None => Err(format!("no `{name}` class index")),
+                    },
+                )
+                .collect::<std::result::Result<Vec<usize>, String>>()?;
+            Ok((image.to_string(), labels))
+        })();
+        let (image, labels) = match parsed {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                loader.bad(path, line_no, message)?;
+                continue;
+            }
+        };
+        let image = dir.join(image);
+        match loader.image(&image) {
+            Ok(i) => images.push(LabeledImage {
+                pixels: loader.pixels[i].clone(),
+                image,
+                split: line_split,
+                labels,
+            }),
+            Err(message) => loader.bad(path, line_no, message)?,
+        }
+    }
+    Ok(LabelSet {
+        heads: ATTRIBUTES
+            .iter()
+            .map(|&(name, classes)| (name.to_string(), classes))
+            .collect(),
+        images,
+        skipped: loader.finish().skipped,
+    })
+}
+
+/// Reads a text corpus such as the world's `text.txt`: one text per line, trimmed, blank lines
+/// left out. A file without any text is an error.
+pub fn load_text(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let lines: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if lines.is_empty() {
+        return Err(Error::Invalid(format!("{}: no text", path.display())));
+    }
+    Ok(lines)
+}
+
+/// The batches of one epoch over `n` examples: a permutation of `0..n` drawn from `seed` and
+/// `epoch` (the same pair gives the same order; each epoch its own), cut into batches of
+/// `batch_size` (at least 1), the last one shorter when `batch_size` does not divide `n`.
+pub fn batches(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    // Each epoch its own stream: the epoch spread over the seed's bits (golden-ratio step).
+    let stream = seed ^ epoch.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    order.shuffle(&mut StdRng::seed_from_u64(stream));
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
 }

@@ -1,7 +1,7 @@
-//! Scores for generated answers: exact match (VQA), CIDEr-D and attribute recall (captions),
-//! recall@K (retrieval).
+//! Scores for generated answers: exact match and accuracy per question type (VQA), CIDEr-D
+//! and attribute recall (captions), recall@K (retrieval).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Lower case, whitespace collapsed, trailing punctuation and spaces removed: `" Red. "` and
 /// `"red"` are the same answer.
@@ -17,6 +17,39 @@ pub fn normalize(text: &str) -> String {
 /// Whether `answer` is `expected` after [`normalize`].
 pub fn exact_match(answer: &str, expected: &str) -> bool {
     normalize(answer) == normalize(expected)
+}
+
+/// Exact-match counts of one question type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accuracy {
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl Accuracy {
+    /// The share answered correctly; 0 with no questions.
+    pub fn rate(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+}
+
+/// Exact match per question type over `(type, answer, expected)` triples, by type name.
+pub fn accuracy_by_type<'a>(
+    results: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+) -> BTreeMap<String, Accuracy> {
+    let mut out: BTreeMap<String, Accuracy> = BTreeMap::new();
+    for (kind, answer, expected) in results {
+        let entry = out.entry(kind.to_string()).or_default();
+        entry.total += 1;
+        if exact_match(answer, expected) {
+            entry.correct += 1;
+        }
+    }
+    out
 }
 
 /// The words of a text for the caption metrics: lower case, split on anything that is not a
@@ -66,9 +99,11 @@ fn ngrams(text: &str) -> [Grams; 4] {
 
 /// CIDEr-D (Vedantam et al. 2015, as the coco-caption scorer computes it) of `candidates[i]`
 /// against `references[i]`, averaged over the candidates: TF-IDF vectors of 1- to 4-grams, the
-/// document frequencies counted over the reference sets, candidate weights clipped to the
-/// reference's, a Gaussian length penalty (sigma 6), the mean over n, over the references, times 10.
-/// Words are lower-cased and split on punctuation (coco-caption tokenises with PTB rules).
+/// document frequencies counted over the reference sets (idf = ln(images) - ln(max(1, df))),
+/// candidate weights clipped to the reference's, a Gaussian length penalty (sigma 6), the mean
+/// over n, over the references, times 10. The length is, as in coco-caption's scorer, the
+/// number of bigrams (one less than the words, for texts of at least one word). Words are
+/// lower-cased and split on punctuation (coco-caption tokenises with PTB rules).
 pub fn cider_d(candidates: &[String], references: &[Vec<String>]) -> f64 {
     const SIGMA: f64 = 6.0;
     let n_images = candidates.len().min(references.len());
@@ -92,7 +127,7 @@ pub fn cider_d(candidates: &[String], references: &[Vec<String>]) -> f64 {
         }
     }
     let log_n = (n_images as f64).ln();
-    // TF-IDF vectors, their norms, and the length (unigram count).
+    // TF-IDF vectors, their norms, and the length (bigram count, as coco-caption's `n == 1`).
     let vectorise = |grams: &[Grams; 4]| -> ([Grams; 4], [f64; 4], f64) {
         let mut vec: [Grams; 4] = Default::default();
         let mut norm = [0.0; 4];
@@ -103,7 +138,7 @@ pub fn cider_d(candidates: &[String], references: &[Vec<String>]) -> f64 {
                 let value = tf * idf;
                 vec[n].insert(gram.clone(), value);
                 norm[n] += value * value;
-                if n == 0 {
+                if n == 1 {
                     length += tf;
                 }
             }
@@ -140,20 +175,57 @@ pub fn cider_d(candidates: &[String], references: &[Vec<String>]) -> f64 {
 }
 
 /// Recall@K from a similarity matrix `sim[query][item]` whose correct item for query `i` is
-/// `i`: the share of queries whose correct item ranks among the K highest.
+/// `i`: the share of queries whose correct item ranks among the K highest. Ties count against
+/// the query (an item scoring the same as the correct one ranks above it), so a model that
+/// scores everything alike gets 0 for every K below the number of items; a NaN score is a
+/// miss.
 pub fn recall_at_k(sim: &[Vec<f32>], k: usize) -> f64 {
+    let gold: Vec<Vec<usize>> = (0..sim.len()).map(|i| vec![i]).collect();
+    recall_at_k_gold(sim, &gold, k)
+}
+
+/// Recall@K when a query has several correct items (`gold[query]`, e.g. every image whose
+/// caption is the query text): a hit when the best-scoring correct item has fewer than K
+/// wrong items scoring at least as high. A query without a correct item in range is a miss.
+pub fn recall_at_k_gold(sim: &[Vec<f32>], gold: &[Vec<usize>], k: usize) -> f64 {
     if sim.is_empty() {
         return 0.0;
     }
     let hits = sim
         .iter()
-        .enumerate()
-        .filter(|(i, row)| {
-            let Some(&own) = row.get(*i) else {
+        .zip(gold.iter().chain(std::iter::repeat(&Vec::new())))
+        .filter(|(row, correct)| {
+            let best = correct
+                .iter()
+                .filter_map(|&j| row.get(j).copied())
+                .filter(|s| !s.is_nan())
+                .fold(None, |best: Option<f32>, s| {
+                    Some(best.map_or(s, |b| b.max(s)))
+                });
+            let Some(best) = best else {
                 return false;
             };
-            row.iter().filter(|&&s| s > own).count() < k
+            let above = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, &s)| !correct.contains(&j) && s >= best)
+                .count();
+            above < k
         })
         .count();
     hits as f64 / sim.len() as f64
+}
+
+/// For texts `texts[i]` (one per item), the items sharing each text: `gold[i]` = every `j`
+/// with `texts[j] == texts[i]` after [`normalize`]. In the shapes world several images share a
+/// caption, so a caption's correct images (and an image's correct captions) are all of them.
+pub fn gold_by_equal_text(texts: &[String]) -> Vec<Vec<usize>> {
+    let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, t) in texts.iter().enumerate() {
+        groups.entry(normalize(t)).or_default().push(i);
+    }
+    texts
+        .iter()
+        .map(|t| groups.get(&normalize(t)).cloned().unwrap_or_default())
+        .collect()
 }

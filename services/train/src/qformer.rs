@@ -10,100 +10,17 @@
 //! image features (layers `i % cross_attention_frequency == 0`) and the query FFN, for the
 //! rest (text) the text FFN.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-
 use blip2_model::config::QFormerConfig;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::{activation, layer_norm, linear, log_softmax};
 
-/// A checkpoint's tensors by name, some of them trainable.
-pub struct Params {
-    tensors: BTreeMap<String, Tensor>,
-    vars: BTreeMap<String, Var>,
-}
+/// The checkpoint's tensors (the same type as [`crate::nn::ParamStore`]).
+pub use crate::nn::ParamStore as Params;
 
-impl Params {
-    /// Every tensor of the safetensors `files`, as `dtype` on `device`.
-    pub fn load(files: &[impl AsRef<Path>], dtype: DType, device: &Device) -> Result<Self> {
-        let mut tensors = BTreeMap::new();
-        for file in files {
-            let file = file.as_ref();
-            for (name, t) in candle_core::safetensors::load(file, device)? {
-                tensors.insert(name, t.to_dtype(dtype)?);
-            }
-        }
-        Ok(Self {
-            tensors,
-            vars: BTreeMap::new(),
-        })
-    }
-
-    /// Adds (or replaces) a frozen tensor.
-    pub fn insert(&mut self, name: &str, t: Tensor) {
-        self.vars.remove(name);
-        self.tensors.insert(name.to_string(), t);
-    }
-
-    /// Makes every tensor whose name satisfies `trainable` a variable; returns how many.
-    pub fn make_trainable(&mut self, trainable: impl Fn(&str) -> bool) -> Result<usize> {
-        let mut n = 0;
-        for (name, t) in &self.tensors {
-            if trainable(name) && !self.vars.contains_key(name) {
-                self.vars.insert(name.clone(), Var::from_tensor(t)?);
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    /// The trainable variables by name (for the optimiser), in name order.
-    pub fn trainable(&self) -> Vec<(String, Var)> {
-        self.vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect()
-    }
-
-    /// The trainable variable named `name`, if it is one.
-    pub fn var(&self, name: &str) -> Option<&Var> {
-        self.vars.get(name)
-    }
-
-    /// The tensor named `name` (a variable's current value, tracked for gradients).
-    pub fn get(&self, name: &str) -> Result<&Tensor> {
-        if let Some(v) = self.vars.get(name) {
-            return Ok(v.as_tensor());
-        }
-        self.tensors
-            .get(name)
-            .ok_or_else(|| Error::Invalid(format!("the checkpoint has no tensor `{name}`")))
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    /// Every tensor with its current value (variables detached), for saving.
-    pub fn snapshot(&self) -> HashMap<String, Tensor> {
-        self.tensors
-            .iter()
-            .map(|(name, t)| {
-                let t = match self.vars.get(name) {
-                    Some(v) => v.as_detached_tensor(),
-                    None => t.clone(),
-                };
-                (name.clone(), t)
-            })
-            .collect()
-    }
-}
-
-/// An additive attention mask value: PyTorch's `finfo(float32).min`, as transformers' eager
-/// attention uses.
-pub const MASKED: f32 = f32::MIN;
+/// The additive mask value (see [`crate::nn::MASKED`]).
+pub use crate::nn::MASKED;
 
 /// The Q-Former over a [`Params`].
 pub struct QFormer<'a> {

@@ -1,6 +1,9 @@
 //! The caption and answer metrics on cases worked out by hand.
 
-use blip2_train::metrics::{attribute_recall, cider_d, exact_match, recall_at_k};
+use blip2_train::metrics::{
+    accuracy_by_type, attribute_recall, cider_d, exact_match, gold_by_equal_text, recall_at_k,
+    recall_at_k_gold, Accuracy,
+};
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
@@ -12,6 +15,35 @@ fn exact_match_ignores_case_spacing_and_trailing_punctuation() {
     assert!(exact_match("two  red circles", "two red circles"));
     assert!(!exact_match("reddish", "red"));
     assert!(!exact_match("red circle", "red"));
+}
+
+#[test]
+fn accuracy_is_counted_per_question_type() {
+    let results = [
+        ("color", "Red.", "red"),
+        ("color", "blue", "red"),
+        ("count", "two", "two"),
+        (
+            "describe",
+            "two red circles on the left",
+            "two red circles on the left",
+        ),
+    ];
+    let by_type = accuracy_by_type(results);
+    assert_eq!(
+        by_type.keys().collect::<Vec<_>>(),
+        ["color", "count", "describe"]
+    );
+    assert_eq!(
+        by_type["color"],
+        Accuracy {
+            correct: 1,
+            total: 2
+        }
+    );
+    assert_eq!(by_type["color"].rate(), 0.5);
+    assert_eq!(by_type["count"].rate(), 1.0);
+    assert_eq!(Accuracy::default().rate(), 0.0);
 }
 
 #[test]
@@ -52,6 +84,35 @@ fn cider_d_matches_a_hand_computation() {
 }
 
 #[test]
+fn cider_d_weighs_shared_ngrams_by_their_document_frequency() {
+    // Three images, one reference each: "red" and "square" occur in two reference sets
+    // (idf a = ln 3 - ln 2), every other n-gram in one (idf b = ln 3) or none (also ln 3).
+    let candidates = s(&["red square", "red square", "blue circle"]);
+    let references = vec![s(&["red circle"]), s(&["red square"]), s(&["blue square"])];
+    let (a, b) = (1.5f64.ln(), 3f64.ln());
+    // A: unigrams red (a), square (a) against red (a), circle (b): cosine
+    // a^2 / (sqrt(2) a * sqrt(a^2 + b^2)); no shared bigram.
+    let image_a = a / (2f64.sqrt() * (a * a + b * b).sqrt()) / 4.0 * 10.0;
+    // B: identical: unigram and bigram cosines 1.
+    let image_b = 2.0 / 4.0 * 10.0;
+    // C: blue (b), circle (b) against blue (b), square (a).
+    let image_c = b / (2f64.sqrt() * (a * a + b * b).sqrt()) / 4.0 * 10.0;
+    let score = cider_d(&candidates, &references);
+    let expected = (image_a + image_b + image_c) / 3.0;
+    assert!((score - expected).abs() < 1e-12, "{score} vs {expected}");
+    // Several references: the mean over them.
+    let two = cider_d(
+        &s(&["red square", "blue square"]),
+        &[
+            s(&["red square", "red circle"]),
+            s(&["blue square", "blue square"]),
+        ],
+    );
+    assert!(two > 0.0 && two < 5.0, "{two}");
+    assert_eq!(cider_d(&[], &[]), 0.0);
+}
+
+#[test]
 fn recall_at_k_ranks_the_diagonal() {
     let sim = vec![
         vec![0.9, 0.1, 0.2],
@@ -61,4 +122,37 @@ fn recall_at_k_ranks_the_diagonal() {
     assert!((recall_at_k(&sim, 1) - 1.0 / 3.0).abs() < 1e-12);
     assert!((recall_at_k(&sim, 2) - 2.0 / 3.0).abs() < 1e-12);
     assert_eq!(recall_at_k(&sim, 3), 1.0);
+}
+
+#[test]
+fn recall_at_k_counts_ties_and_nan_as_misses() {
+    let flat = vec![vec![0.5f32; 3]; 3];
+    assert_eq!(recall_at_k(&flat, 1), 0.0);
+    assert_eq!(recall_at_k(&flat, 2), 0.0);
+    assert_eq!(recall_at_k(&flat, 3), 1.0);
+    let nan = vec![vec![f32::NAN, 0.1], vec![0.1, 0.9]];
+    assert_eq!(recall_at_k(&nan, 1), 0.5);
+    assert_eq!(recall_at_k(&[], 1), 0.0);
+}
+
+#[test]
+fn recall_at_k_accepts_every_item_with_the_same_text() {
+    // Images 0 and 2 share a caption: a caption query finding either of them is a hit.
+    let texts = s(&["two red circles", "one blue square", "Two red circles."]);
+    let gold = gold_by_equal_text(&texts);
+    assert_eq!(gold, vec![vec![0, 2], vec![1], vec![0, 2]]);
+    let sim = vec![
+        vec![0.2, 0.1, 0.9],
+        vec![0.3, 0.8, 0.1],
+        vec![0.1, 0.7, 0.6],
+    ];
+    // Strictly on the diagonal query 0 ranks 2nd; any same-caption image ranks 1st.
+    assert!((recall_at_k(&sim, 1) - 1.0 / 3.0).abs() < 1e-12);
+    assert!((recall_at_k_gold(&sim, &gold, 1) - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(recall_at_k_gold(&sim, &gold, 2), 1.0);
+    // A query without a correct item is a miss.
+    assert_eq!(
+        recall_at_k_gold(&sim, &[vec![], vec![1], vec![9]], 3),
+        1.0 / 3.0
+    );
 }
