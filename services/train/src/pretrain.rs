@@ -29,28 +29,8 @@ use crate::error::{Error, Result};
 use crate::nn::{cross_entropy, linear, scalar, Init, ParamStore, IGNORE_INDEX};
 use crate::objective::{Losses, Objective};
 use crate::opt::Opt;
-use crate::stage1::copy_if_file;
+use crate::stage1::copy_model_files;
 use crate::vit::Vit;
-
-/// Files of the checkpoint copied next to the weights on save.
-const COPIED: [&str; 9] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "processor_config.json",
-    "preprocessor_config.json",
-];
-
-fn copy_files(from: &Path, to: &Path) -> Result<()> {
-    for name in COPIED {
-        copy_if_file(&from.join(name), &to.join(name))?;
-    }
-    Ok(())
-}
 
 /// 2-D sine-cosine position embeddings `[1, 1 + grid², width]` (as MAE initialises its ViT):
 /// the class token's row is zero; patch `(row, col)` (row-major) takes, over the first half of
@@ -233,7 +213,7 @@ impl Objective for VitPretrain {
         self.params.save(&dir.join("model.safetensors"), |name| {
             (!name.starts_with("head.") && !name.starts_with("cls_head.")).then(|| name.to_string())
         })?;
-        copy_files(&self.model_dir, dir)
+        copy_model_files(&self.model_dir, dir)
     }
 }
 
@@ -341,6 +321,6 @@ impl Objective for OptPretrain {
         self.params.save(&dir.join("model.safetensors"), |name| {
             Some(name.to_string())
         })?;
-        copy_files(&self.model_dir, dir)
+        copy_model_files(&self.model_dir, dir)
     }
 }

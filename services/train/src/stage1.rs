@@ -600,6 +600,31 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
+/// A checkpoint's files beside its weights (config, generation config, tokenizer of either
+/// kind, image processor) that every stage writes through unchanged.
+const MODEL_FILES: [&str; 12] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "added_tokens.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "vocab.txt",
+];
+
+/// Copies the [`MODEL_FILES`] that `from` has into `to`.
+pub(crate) fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
+    for name in MODEL_FILES {
+        copy_if_file(&from.join(name), &to.join(name))?;
+    }
+    Ok(())
+}
+
 /// Copies `from` to `to` when `from` is a file (and not `to` itself).
 pub(crate) fn copy_if_file(from: &Path, to: &Path) -> Result<()> {
     if from.is_file() && from != to {

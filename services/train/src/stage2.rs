@@ -31,7 +31,7 @@ use crate::nn::{linear, scalar, ParamStore, IGNORE_INDEX};
 use crate::objective::{Losses, Objective};
 use crate::opt::Opt;
 use crate::qformer::QFormer;
-use crate::stage1::{cached_features, copy_if_file};
+use crate::stage1::{cached_features, copy_model_files};
 
 /// What [`Stage2::new`] needs besides the checkpoint.
 #[derive(Debug, Clone)]
@@ -52,19 +52,6 @@ impl Default for Stage2Options {
     }
 }
 
-/// Files of the base checkpoint written next to the weights on save.
-const COPIED: [&str; 9] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "processor_config.json",
-    "preprocessor_config.json",
-];
-
 /// Stage 2 through a frozen OPT as an [`Objective`] over [`Pair`]s (see the module docs).
 pub struct Stage2 {
     params: ParamStore,
@@ -77,9 +64,9 @@ pub struct Stage2 {
     features: RefCell<HashMap<usize, Tensor>>,
 }
 
-/// One position of a stage-2 sequence.
+/// One position of a stage-2 sequence (OPT's, or T5's encoder input).
 #[derive(Clone, Copy)]
-enum Slot {
+pub(crate) enum Slot {
     Token(u32),
     /// Soft-prompt row `q` of the pair's image.
     Soft(usize),
@@ -92,10 +79,98 @@ fn stage2_trainable(name: &str) -> bool {
         || name.starts_with("language_projection.")
 }
 
+/// A `Blip2ForConditionalGeneration` checkpoint's tensors for stage 2 (either language model):
+/// with [`Stage2Options::qformer_from`], its `qformer.*` and `query_tokens` replaced by a stage-1
+/// checkpoint's (only the names the base has: its layout is kept); the Q-Former,
+/// `query_tokens` and `language_projection` trainable.
+pub(crate) fn load_params(model_dir: &Path, options: &Stage2Options) -> Result<ParamStore> {
+    let device = Device::Cpu;
+    let files = blip2_model::checkpoint::weight_files(model_dir)?;
+    let mut params = ParamStore::load(&files, options.dtype, &device)?;
+    if let Some(from) = &options.qformer_from {
+        let files = blip2_model::checkpoint::weight_files(from)?;
+        let stage1 = ParamStore::load(&files, options.dtype, &device)?;
+        for name in params.names() {
+            if !(name.starts_with("qformer.") || name == "query_tokens") {
+                continue;
+            }
+            let Some(t) = stage1.get_opt(&name) else {
+                return Err(Error::Invalid(format!(
+                    "{}: the stage-1 checkpoint has no `{name}`",
+                    from.display()
+                )));
+            };
+            let base = params.get(&name)?;
+            if base.dims() != t.dims() {
+                return Err(Error::Invalid(format!(
+                    "{}: `{name}` is {:?}, the base checkpoint's {:?}",
+                    from.display(),
+                    t.dims(),
+                    base.dims()
+                )));
+            }
+            params.insert(&name, t.clone());
+        }
+    }
+    params.make_trainable(stage2_trainable)?;
+    Ok(params)
+}
+
+/// The soft prompts `[B, nq, llm_hidden]` of vision features `[B, T, vision_hidden]`:
+/// `language_projection(qformer(query_tokens, features))`.
+pub(crate) fn soft_prompts(
+    params: &ParamStore,
+    config: &Blip2Config,
+    features: &Tensor,
+) -> Result<Tensor> {
+    let qf = QFormer::new(params, &config.qformer_config)?;
+    let b = features.dim(0)?;
+    let out = qf.run(&qf.queries(b)?, None, qf.num_queries, Some(features))?;
+    linear(
+        &out,
+        params.get("language_projection.weight")?,
+        Some(params.get("language_projection.bias")?),
+    )
+}
+
+/// The positions the serving tiers feed for a first turn with one image and `text`: the
+/// session tier sends the image placeholder, then the turn's text, and the LLM tier tokenises
+/// `"<image>" + text` ([`PromptTokenizer::build`]); a checkpoint without an image token takes
+/// the soft prompt before the text.
+pub(crate) fn image_then_text(
+    prompt: &PromptTokenizer,
+    num_query_tokens: usize,
+    text: &str,
+) -> Result<Vec<Slot>> {
+    let text = if prompt.image_token_id().is_some() {
+        format!("{IMAGE_MARKER}{text}")
+    } else {
+        text.to_string()
+    };
+    let built = prompt.build(&text, 1)?;
+    let mut slots = Vec::with_capacity(built.num_positions);
+    for piece in &built.pieces {
+        match piece {
+            PromptPiece::Tokens(ids) => slots.extend(ids.iter().map(|&id| Slot::Token(id))),
+            PromptPiece::Image(_) => slots.extend((0..num_query_tokens).map(Slot::Soft)),
+        }
+    }
+    Ok(slots)
+}
+
+/// Writes `params` as `dir/model.safetensors` (every tensor, the trained ones at their current
+/// values) with `model_dir`'s config, tokenizer, processor and generation config.
+pub(crate) fn save_checkpoint(params: &ParamStore, model_dir: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    params.save(&dir.join("model.safetensors"), |name| {
+        Some(name.to_string())
+    })?;
+    copy_model_files(model_dir, dir)
+}
+
 impl Stage2 {
     /// Loads `model_dir` (a `Blip2ForConditionalGeneration` checkpoint with an OPT).
     pub fn new(model_dir: &Path, options: &Stage2Options) -> Result<Self> {
-        let device = Device::Cpu;
         let config = Blip2Config::from_file(&model_dir.join("config.json"))?;
         let TextConfig::Opt(opt_config) = &config.text_config else {
             return Err(Error::Invalid(format!(
@@ -105,34 +180,7 @@ impl Stage2 {
             )));
         };
         let opt_config = opt_config.clone();
-        let files = blip2_model::checkpoint::weight_files(model_dir)?;
-        let mut params = ParamStore::load(&files, options.dtype, &device)?;
-        if let Some(from) = &options.qformer_from {
-            let files = blip2_model::checkpoint::weight_files(from)?;
-            let stage1 = ParamStore::load(&files, options.dtype, &device)?;
-            for name in params.names() {
-                if !(name.starts_with("qformer.") || name == "query_tokens") {
-                    continue;
-                }
-                let Some(t) = stage1.get_opt(&name) else {
-                    return Err(Error::Invalid(format!(
-                        "{}: the stage-1 checkpoint has no `{name}`",
-                        from.display()
-                    )));
-                };
-                let base = params.get(&name)?;
-                if base.dims() != t.dims() {
-                    return Err(Error::Invalid(format!(
-                        "{}: `{name}` is {:?}, the base checkpoint's {:?}",
-                        from.display(),
-                        t.dims(),
-                        base.dims()
-                    )));
-                }
-                params.insert(&name, t.clone());
-            }
-        }
-        params.make_trainable(stage2_trainable)?;
+        let params = load_params(model_dir, options)?;
         let prompt = PromptTokenizer::from_dir(model_dir, &config)?;
         Ok(Self {
             eos_id: opt_config.eos_token_id.unwrap_or(2),
@@ -156,37 +204,13 @@ impl Stage2 {
 
     /// The soft prompts `[B, nq, llm_hidden]` of vision features `[B, T, vision_hidden]`.
     pub fn soft_prompts(&self, features: &Tensor) -> Result<Tensor> {
-        let qf = QFormer::new(&self.params, &self.config.qformer_config)?;
-        let b = features.dim(0)?;
-        let out = qf.run(&qf.queries(b)?, None, qf.num_queries, Some(features))?;
-        linear(
-            &out,
-            self.params.get("language_projection.weight")?,
-            Some(self.params.get("language_projection.bias")?),
-        )
+        soft_prompts(&self.params, &self.config, features)
     }
 
     /// One pair's positions and labels.
     fn sequence(&self, pair: &Pair) -> Result<(Vec<Slot>, Vec<i64>)> {
         let prompt_text = pair.prompt.as_deref().unwrap_or("");
-        // What the session tier sends for a first turn with one image: the image placeholder
-        // then the turn's text, which the LLM tier tokenises as `<image>` + text (see the
-        // module docs); a checkpoint without an image token takes the soft prompt first.
-        let text = if self.prompt.image_token_id().is_some() {
-            format!("{IMAGE_MARKER}{prompt_text}")
-        } else {
-            prompt_text.to_string()
-        };
-        let built = self.prompt.build(&text, 1)?;
-        let mut slots = Vec::new();
-        for piece in &built.pieces {
-            match piece {
-                PromptPiece::Tokens(ids) => slots.extend(ids.iter().map(|&id| Slot::Token(id))),
-                PromptPiece::Image(_) => {
-                    slots.extend((0..self.config.num_query_tokens).map(Slot::Soft))
-                }
-            }
-        }
+        let mut slots = image_then_text(&self.prompt, self.config.num_query_tokens, prompt_text)?;
         let mut labels = vec![IGNORE_INDEX; slots.len()];
         let target = self
             .prompt
@@ -286,13 +310,6 @@ impl Objective for Stage2 {
     /// trained ones at their current values), with its config, tokenizer, processor and
     /// generation config copied.
     fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        self.params.save(&dir.join("model.safetensors"), |name| {
-            Some(name.to_string())
-        })?;
-        for name in COPIED {
-            copy_if_file(&self.model_dir.join(name), &dir.join(name))?;
-        }
-        Ok(())
+        save_checkpoint(&self.params, &self.model_dir, dir)
     }
 }

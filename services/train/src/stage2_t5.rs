@@ -22,32 +22,19 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use blip2_model::config::{Blip2Config, T5Config, TextConfig};
-use blip2_model::prompt::{PromptPiece, PromptTokenizer, IMAGE_MARKER};
-use candle_core::{Device, Tensor, Var};
+use blip2_model::prompt::PromptTokenizer;
+use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::data::Pair;
 use crate::error::{Error, Result};
-use crate::nn::{linear, scalar, ParamStore, IGNORE_INDEX};
+use crate::nn::{scalar, ParamStore, IGNORE_INDEX};
 use crate::objective::{Losses, Objective};
-use crate::qformer::QFormer;
-use crate::stage1::{cached_features, copy_if_file};
+use crate::stage1::cached_features;
 pub use crate::stage2::Stage2Options;
+use crate::stage2::{image_then_text, load_params, save_checkpoint, soft_prompts, Slot};
 use crate::t5::T5;
-
-/// Files of the base checkpoint written next to the weights on save.
-const COPIED: [&str; 9] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "spiece.model",
-    "added_tokens.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-];
 
 /// How a pair divides into the encoder's prefix and the decoder's target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,50 +112,6 @@ pub struct Stage2T5 {
     features: RefCell<HashMap<usize, Tensor>>,
 }
 
-/// One encoder position.
-#[derive(Clone, Copy)]
-enum Slot {
-    Token(u32),
-    /// Soft-prompt row `q` of the pair's image.
-    Soft(usize),
-}
-
-/// The names stage 2 trains.
-fn stage2_trainable(name: &str) -> bool {
-    name.starts_with("qformer.")
-        || name == "query_tokens"
-        || name.starts_with("language_projection.")
-}
-
-/// Replaces `params`' `qformer.*` and `query_tokens` by a stage-1 checkpoint's (only the names
-/// the base has: its layout is kept).
-fn load_qformer(params: &mut ParamStore, from: &Path, options: &Stage2Options) -> Result<()> {
-    let files = blip2_model::checkpoint::weight_files(from)?;
-    let stage1 = ParamStore::load(&files, options.dtype, &Device::Cpu)?;
-    for name in params.names() {
-        if !(name.starts_with("qformer.") || name == "query_tokens") {
-            continue;
-        }
-        let Some(t) = stage1.get_opt(&name) else {
-            return Err(Error::Invalid(format!(
-                "{}: the stage-1 checkpoint has no `{name}`",
-                from.display()
-            )));
-        };
-        let base = params.get(&name)?;
-        if base.dims() != t.dims() {
-            return Err(Error::Invalid(format!(
-                "{}: `{name}` is {:?}, the base checkpoint's {:?}",
-                from.display(),
-                t.dims(),
-                base.dims()
-            )));
-        }
-        params.insert(&name, t.clone());
-    }
-    Ok(())
-}
-
 impl Stage2T5 {
     /// Loads `model_dir` (a `Blip2ForConditionalGeneration` checkpoint with a T5).
     pub fn new(model_dir: &Path, options: &Stage2Options) -> Result<Self> {
@@ -181,12 +124,7 @@ impl Stage2T5 {
             )));
         };
         let t5_config = t5_config.clone();
-        let files = blip2_model::checkpoint::weight_files(model_dir)?;
-        let mut params = ParamStore::load(&files, options.dtype, &Device::Cpu)?;
-        if let Some(from) = &options.qformer_from {
-            load_qformer(&mut params, from, options)?;
-        }
-        params.make_trainable(stage2_trainable)?;
+        let params = load_params(model_dir, options)?;
         let prompt = PromptTokenizer::from_dir(model_dir, &config)?;
         Ok(Self {
             eos_id: t5_config.eos_token_id.unwrap_or(1),
@@ -210,34 +148,12 @@ impl Stage2T5 {
 
     /// The soft prompts `[B, nq, d_model]` of vision features `[B, T, vision_hidden]`.
     pub fn soft_prompts(&self, features: &Tensor) -> Result<Tensor> {
-        let qf = QFormer::new(&self.params, &self.config.qformer_config)?;
-        let b = features.dim(0)?;
-        let out = qf.run(&qf.queries(b)?, None, qf.num_queries, Some(features))?;
-        linear(
-            &out,
-            self.params.get("language_projection.weight")?,
-            Some(self.params.get("language_projection.bias")?),
-        )
+        soft_prompts(&self.params, &self.config, features)
     }
 
     /// The encoder positions of one image and `prefix` (see the module docs).
     fn encoder_slots(&self, prefix: &str) -> Result<Vec<Slot>> {
-        let text = if self.prompt.image_token_id().is_some() {
-            format!("{IMAGE_MARKER}{prefix}")
-        } else {
-            prefix.to_string()
-        };
-        let built = self.prompt.build(&text, 1)?;
-        let mut slots = Vec::with_capacity(built.num_positions);
-        for piece in &built.pieces {
-            match piece {
-                PromptPiece::Tokens(ids) => slots.extend(ids.iter().map(|&id| Slot::Token(id))),
-                PromptPiece::Image(_) => {
-                    slots.extend((0..self.config.num_query_tokens).map(Slot::Soft))
-                }
-            }
-        }
-        Ok(slots)
+        image_then_text(&self.prompt, self.config.num_query_tokens, prefix)
     }
 
     /// `tokenizer(target)`: its ids with `</s>` last (appended if the tokenizer does not).
@@ -384,13 +300,6 @@ impl Objective for Stage2T5 {
     /// trained ones at their current values), with its config, tokenizer, processor and
     /// generation config copied.
     fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        self.params.save(&dir.join("model.safetensors"), |name| {
-            Some(name.to_string())
-        })?;
-        for name in COPIED {
-            copy_if_file(&self.model_dir.join(name), &dir.join(name))?;
-        }
-        Ok(())
+        save_checkpoint(&self.params, &self.model_dir, dir)
     }
 }
