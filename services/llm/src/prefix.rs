@@ -209,15 +209,13 @@ mod tests {
             .unwrap()
             .reshape((1, len, 1))
             .unwrap();
-        SeqCache {
-            self_kv: vec![Some(LayerKv {
-                k: k.clone(),
-                v: k.to_dtype(DType::F32).unwrap(),
-            })],
-            cross_kv: Vec::new(),
-            len,
-            encoder_len: 0,
-        }
+        let mut cache = SeqCache::new(1);
+        cache.self_kv[0] = Some(LayerKv {
+            k: k.clone(),
+            v: k.to_dtype(DType::F32).unwrap(),
+        });
+        cache.len = len;
+        cache
     }
 
     fn tokens(ids: &[u32]) -> Vec<PosKey> {

@@ -8,6 +8,8 @@
 //! running sequences share one step, with no padding and no mask arithmetic, and keeps every
 //! sequence's numerics identical to a batch of one.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
@@ -23,6 +25,8 @@ pub struct LayerKv {
 /// encoder-decoder models, the cross-attention KV computed once from the encoder output.
 ///
 /// Cloning is cheap (tensors are reference counted), which is how beam search forks a sequence.
+/// A clone shares the growable KV stores behind `self_kv` and copies them on its next append
+/// (copy on write), so forks and prefix-cache entries never see each other's new positions.
 #[derive(Debug, Clone, Default)]
 pub struct SeqCache {
     /// Self-attention KV per decoder layer; `None` until the first forward.
@@ -33,6 +37,69 @@ pub struct SeqCache {
     pub len: usize,
     /// Number of encoder positions (encoder-decoder models only).
     pub encoder_len: usize,
+    /// The growable buffers behind `self_kv`, per layer (see [`KvStore`]).
+    stores: Vec<Option<KvStore>>,
+}
+
+/// Positions a KV store grows by beyond what it must hold, so that decoding appends in place
+/// for this many steps before the next copy (instead of copying the whole cache every step, as
+/// concatenation would).
+const KV_HEADROOM: usize = 64;
+
+/// The buffers behind one layer's self-attention KV: `[heads, capacity, head_dim]` each, of
+/// which the first `len` positions are filled. `self_kv[layer]` holds views of them, `len` long.
+#[derive(Debug, Clone)]
+struct KvStore {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+    /// The id of the key view last handed out, so a `self_kv` entry replaced from outside is
+    /// noticed (the store is then replaced, never written under someone else's tensor).
+    view: candle_core::TensorId,
+    /// Shared by clones of the cache: a store is written in place only while it has one owner.
+    owner: Arc<()>,
+}
+
+impl KvStore {
+    fn capacity(&self) -> usize {
+        self.k.dim(1).unwrap_or(0)
+    }
+}
+
+/// One layer's KV of one sequence as f32 slices, for decode kernels that read it in place:
+/// `[heads, capacity, head_dim]` each, the first `len` positions filled.
+pub struct KvSlices<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub capacity: usize,
+    pub len: usize,
+}
+
+/// Read access to one layer's KV buffers (see [`SeqCache::kv_read`]); holds them locked for
+/// reading while it lives.
+pub struct KvRead<'a> {
+    k: candle_core::StorageRef<'a>,
+    v: candle_core::StorageRef<'a>,
+    k_start: usize,
+    v_start: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvRead<'_> {
+    /// The buffers as f32 slices; `None` unless they are f32 on the CPU.
+    pub fn slices(&self) -> Option<KvSlices<'_>> {
+        let (candle_core::Storage::Cpu(k), candle_core::Storage::Cpu(v)) = (&*self.k, &*self.v)
+        else {
+            return None;
+        };
+        Some(KvSlices {
+            k: k.as_slice::<f32>().ok()?.get(self.k_start..)?,
+            v: v.as_slice::<f32>().ok()?.get(self.v_start..)?,
+            capacity: self.capacity,
+            len: self.len,
+        })
+    }
 }
 
 impl SeqCache {
@@ -42,25 +109,111 @@ impl SeqCache {
             cross_kv: Vec::new(),
             len: 0,
             encoder_len: 0,
+            stores: Vec::new(),
         }
     }
 
     /// Appends new keys/values `[heads, t, head_dim]` to layer `layer` and returns the full
     /// keys/values. Does not advance `len`: the model does that once per forward.
+    ///
+    /// The positions go into buffers with room to spare ([`KV_HEADROOM`]), written in place
+    /// while this cache is their only owner, so a decode step copies only its new position.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let entry = &mut self.self_kv[layer];
-        let (k, v) = match entry.take() {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some(prev) => (
-                Tensor::cat(&[&prev.k, &k], 1)?,
-                Tensor::cat(&[&prev.v, &v], 1)?,
-            ),
-        };
-        *entry = Some(LayerKv {
-            k: k.clone(),
-            v: v.clone(),
+        let (heads, t, head_dim) = k.dims3()?;
+        if v.dims3()? != (heads, t, head_dim) {
+            return Err(crate::Error::InvalidInput(format!(
+                "keys {:?} and values {:?} differ in shape",
+                k.shape(),
+                v.shape()
+            )));
+        }
+        let store = self.reserve(layer, &k, t)?;
+        store.k.slice_set(&k.contiguous()?, 1, store.len)?;
+        store.v.slice_set(&v.contiguous()?, 1, store.len)?;
+        store.len += t;
+        let k_all = store.k.narrow(1, 0, store.len)?;
+        let v_all = store.v.narrow(1, 0, store.len)?;
+        store.view = k_all.id();
+        self.self_kv[layer] = Some(LayerKv {
+            k: k_all.clone(),
+            v: v_all.clone(),
         });
-        Ok((k, v))
+        Ok((k_all, v_all))
+    }
+
+    /// The store of layer `layer`, ready to take `t` positions like `like` (`[heads, _, d]`) in
+    /// place: the current one when this cache owns it alone, it backs `self_kv[layer]` and has
+    /// room; else a new one holding a copy of `self_kv[layer]`.
+    fn reserve(&mut self, layer: usize, like: &Tensor, t: usize) -> Result<&mut KvStore> {
+        let layers = self.self_kv.len();
+        if layer >= layers {
+            return Err(crate::Error::InvalidInput(format!(
+                "layer {layer} of a cache of {layers} layers"
+            )));
+        }
+        if self.stores.len() < layers {
+            self.stores.resize(layers, None);
+        }
+        let (heads, _, head_dim) = like.dims3()?;
+        let prev = self.self_kv[layer].clone();
+        let prev_len = match &prev {
+            Some(p) => p.k.dim(1)?,
+            None => 0,
+        };
+        let ready = match (&self.stores[layer], &prev) {
+            (Some(s), Some(p)) => {
+                Arc::strong_count(&s.owner) == 1
+                    && s.view == p.k.id()
+                    && s.len == prev_len
+                    && prev_len + t <= s.capacity()
+                    && s.k.dtype() == like.dtype()
+                    && s.k.dims3()? == (heads, s.capacity(), head_dim)
+            }
+            _ => false,
+        };
+        if !ready {
+            let capacity = (prev_len + t + KV_HEADROOM).next_multiple_of(KV_HEADROOM);
+            let shape = (heads, capacity, head_dim);
+            let k = Tensor::zeros(shape, like.dtype(), like.device())?;
+            let v = Tensor::zeros(shape, like.dtype(), like.device())?;
+            if let Some(p) = &prev {
+                if prev_len > 0 {
+                    k.slice_set(&p.k.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
+                    v.slice_set(&p.v.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
+                }
+            }
+            self.stores[layer] = Some(KvStore {
+                view: k.id(),
+                k,
+                v,
+                len: prev_len,
+                owner: Arc::new(()),
+            });
+        }
+        match self.stores[layer].as_mut() {
+            Some(store) => Ok(store),
+            None => Err(crate::Error::InvalidInput("no KV store".into())),
+        }
+    }
+
+    /// Layer `layer`'s KV for reading in place (see [`KvRead::slices`]); `None` when the layer
+    /// has no store backing its current KV (the caller then attends through tensors).
+    pub fn kv_read(&self, layer: usize) -> Option<KvRead<'_>> {
+        let store = self.stores.get(layer)?.as_ref()?;
+        let view = self.self_kv.get(layer)?.as_ref()?;
+        if store.view != view.k.id() || !store.k.is_contiguous() || !store.v.is_contiguous() {
+            return None;
+        }
+        let (k, kl) = store.k.storage_and_layout();
+        let (v, vl) = store.v.storage_and_layout();
+        Some(KvRead {
+            k,
+            v,
+            k_start: kl.start_offset(),
+            v_start: vl.start_offset(),
+            capacity: store.capacity(),
+            len: store.len,
+        })
     }
 
     /// The first `len` decoder positions of this cache (views, no copy): how a prefix cache
@@ -94,19 +247,29 @@ impl SeqCache {
             cross_kv: Vec::new(),
             len,
             encoder_len: 0,
+            stores: Vec::new(),
         })
     }
 
-    /// Bytes held by this cache's tensors.
+    /// Bytes held by this cache's tensors (a layer's whole KV buffer, spare room included).
     pub fn size_in_bytes(&self) -> usize {
         let layer_bytes =
             |kv: &LayerKv| (kv.k.elem_count() + kv.v.elem_count()) * kv.k.dtype().size_in_bytes();
-        self.self_kv
+        let self_bytes: usize = self
+            .self_kv
             .iter()
-            .flatten()
-            .map(layer_bytes)
-            .sum::<usize>()
-            + self.cross_kv.iter().map(layer_bytes).sum::<usize>()
+            .enumerate()
+            .map(|(layer, kv)| {
+                let Some(kv) = kv else { return 0 };
+                match self.stores.get(layer).and_then(|s| s.as_ref()) {
+                    Some(s) if s.view == kv.k.id() => {
+                        (s.k.elem_count() + s.v.elem_count()) * s.k.dtype().size_in_bytes()
+                    }
+                    _ => layer_bytes(kv),
+                }
+            })
+            .sum();
+        self_bytes + self.cross_kv.iter().map(layer_bytes).sum::<usize>()
     }
 }
 
@@ -174,5 +337,91 @@ pub trait LanguageModel: Send + Sync {
     fn step(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
         let inputs: Vec<StepInput> = tokens.iter().map(|&t| StepInput::Tokens(vec![t])).collect();
         self.forward_ragged(&inputs, caches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, IndexOp, Tensor};
+
+    use super::*;
+
+    /// `[heads, t, d]` keys whose every value is `base + position`.
+    fn rows(base: f32, t: usize) -> Tensor {
+        let data: Vec<f32> = (0..2 * t * 3)
+            .map(|i| base + ((i / 3) % t) as f32)
+            .collect();
+        Tensor::from_vec(data, (2, t, 3), &Device::Cpu).unwrap()
+    }
+
+    fn positions(cache: &SeqCache, layer: usize) -> Vec<f32> {
+        let kv = cache.self_kv[layer].as_ref().unwrap();
+        kv.k.i((0, .., 0)).unwrap().to_vec1().unwrap()
+    }
+
+    fn append(cache: &mut SeqCache, base: f32, t: usize) {
+        cache.append(0, rows(base, t), rows(base, t)).unwrap();
+        cache.len += t;
+    }
+
+    #[test]
+    fn appends_past_the_headroom_keep_every_position() {
+        let mut cache = SeqCache::new(1);
+        append(&mut cache, 0.0, 5);
+        for step in 0..2 * KV_HEADROOM {
+            append(&mut cache, 100.0 * (step + 1) as f32, 1);
+        }
+        let got = positions(&cache, 0);
+        assert_eq!(got.len(), 5 + 2 * KV_HEADROOM);
+        assert_eq!(&got[..5], &[0.0, 1.0, 2.0, 3.0, 4.0]);
+        for step in 0..2 * KV_HEADROOM {
+            assert_eq!(got[5 + step], 100.0 * (step + 1) as f32);
+        }
+        let read = cache.kv_read(0).unwrap();
+        let slices = read.slices().unwrap();
+        assert_eq!(slices.len, 5 + 2 * KV_HEADROOM);
+        assert!(slices.capacity >= slices.len);
+        // The whole buffer is accounted for, spare room included.
+        assert_eq!(
+            cache.size_in_bytes(),
+            2 * 2 * slices.capacity * 3 * std::mem::size_of::<f32>()
+        );
+    }
+
+    #[test]
+    fn a_clone_never_sees_the_other_clones_positions() {
+        let mut a = SeqCache::new(1);
+        append(&mut a, 0.0, 3);
+        let mut b = a.clone();
+        let prefix = a.truncated(2).unwrap();
+        append(&mut a, 10.0, 1);
+        append(&mut b, 20.0, 1);
+        let mut c = prefix.clone();
+        append(&mut c, 30.0, 1);
+        assert_eq!(positions(&a, 0), vec![0.0, 1.0, 2.0, 10.0]);
+        assert_eq!(positions(&b, 0), vec![0.0, 1.0, 2.0, 20.0]);
+        assert_eq!(positions(&prefix, 0), vec![0.0, 1.0]);
+        assert_eq!(positions(&c, 0), vec![0.0, 1.0, 30.0]);
+        // And a second append still lands in each one's own buffer.
+        append(&mut a, 11.0, 1);
+        append(&mut b, 21.0, 1);
+        assert_eq!(positions(&a, 0), vec![0.0, 1.0, 2.0, 10.0, 11.0]);
+        assert_eq!(positions(&b, 0), vec![0.0, 1.0, 2.0, 20.0, 21.0]);
+    }
+
+    #[test]
+    fn a_replaced_entry_is_never_written_under() {
+        let mut cache = SeqCache::new(1);
+        append(&mut cache, 0.0, 2);
+        let outside = rows(50.0, 2);
+        cache.self_kv[0] = Some(LayerKv {
+            k: outside.clone(),
+            v: outside.clone(),
+        });
+        assert!(cache.kv_read(0).is_none());
+        append(&mut cache, 60.0, 1);
+        assert_eq!(positions(&cache, 0), vec![50.0, 51.0, 60.0]);
+        let untouched: Vec<f32> = outside.i((0, .., 0)).unwrap().to_vec1().unwrap();
+        assert_eq!(untouched, vec![50.0, 51.0]);
     }
 }

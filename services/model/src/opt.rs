@@ -74,9 +74,25 @@ impl Attention {
         let q = (self.q_proj.forward(xs)? * self.scaling)?;
         let k = self.k_proj.forward(xs)?;
         let v = self.v_proj.forward(xs)?;
-        let mut outputs = Vec::with_capacity(lengths.len());
+        let width = self.num_heads * self.head_dim;
+        let fast_dtype = q.dtype() == DType::F32 && q.device().is_cpu();
+        // Per sequence: its output rows, or `None` for a decode row the kernel computes below.
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(lengths.len());
+        let mut decode_rows = Vec::new(); // (sequence, row of q)
         let mut offset = 0;
-        for (cache, &t) in caches.iter_mut().zip(lengths) {
+        for (i, (cache, &t)) in caches.iter_mut().zip(lengths).enumerate() {
+            if t == 1 && fast_dtype && cache.len > 0 {
+                // A decode step: append the new key and value in place, attend in the kernel.
+                let row = |m: &Tensor| -> candle_core::Result<Tensor> {
+                    m.narrow(0, offset, 1)?
+                        .reshape((self.num_heads, 1, self.head_dim))
+                };
+                cache.append(layer, row(&k)?, row(&v)?)?;
+                decode_rows.push((i, offset));
+                outputs.push(None);
+                offset += t;
+                continue;
+            }
             let heads = |m: &Tensor| -> candle_core::Result<Tensor> {
                 m.narrow(0, offset, t)?
                     .reshape((t, self.num_heads, self.head_dim))?
@@ -88,14 +104,65 @@ impl Attention {
             let (k_all, v_all) = cache.append(layer, k_i, v_i)?;
             let mask = causal_mask(t, past, xs.device())?;
             let out = eager_attention(&q_i, &k_all, &v_all, 1.0, mask.as_ref())?; // [heads, t, d]
-            outputs.push(
-                out.transpose(0, 1)?
-                    .reshape((t, self.num_heads * self.head_dim))?,
-            );
+            outputs.push(Some(out.transpose(0, 1)?.reshape((t, width))?));
             offset += t;
         }
-        let out = Tensor::cat(&outputs, 0)?;
+        if !decode_rows.is_empty() {
+            let decoded = self.decode_attention(&q, &decode_rows, caches, layer)?;
+            for (n, &(i, _)) in decode_rows.iter().enumerate() {
+                outputs[i] = Some(decoded.narrow(0, n, 1)?);
+            }
+        }
+        let outputs = outputs.into_iter().flatten().collect::<Vec<_>>();
+        let out = if outputs.len() == 1 {
+            outputs
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::InvalidInput("attention produced no output rows".into()))?
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
         Ok(self.out_proj.forward(&out)?)
+    }
+
+    /// Attention of the decode rows `(sequence, row of q)`, each one new position whose key and
+    /// value are already in its cache: one kernel call over all of them, reading the caches in
+    /// place. Returns `[rows, hidden]`.
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        rows: &[(usize, usize)],
+        caches: &[&mut SeqCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let width = self.num_heads * self.head_dim;
+        let q = q.contiguous()?;
+        let (qg, ql) = q.storage_and_layout();
+        let candle_core::Storage::Cpu(qc) = &*qg else {
+            return Err(Error::InvalidInput(
+                "decode attention needs CPU tensors".into(),
+            ));
+        };
+        let q_all = &qc.as_slice::<f32>()?[ql.start_offset()..];
+        let reads = rows
+            .iter()
+            .map(|&(i, _)| caches[i].kv_read(layer))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidInput("a decode row has no KV buffer".into()))?;
+        let seqs = rows
+            .iter()
+            .zip(&reads)
+            .map(|(&(_, row), read)| {
+                Some(crate::kernels::attention::DecodeSeq {
+                    q: q_all.get(row * width..(row + 1) * width)?,
+                    kv: read.slices()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidInput("a decode row's KV is not f32".into()))?;
+        let mut out = vec![0f32; rows.len() * width];
+        crate::kernels::attention::decode(&seqs, self.num_heads, self.head_dim, &mut out);
+        Ok(Tensor::from_vec(out, (rows.len(), width), q.device())?)
     }
 }
 

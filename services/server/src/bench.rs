@@ -116,10 +116,13 @@ pub fn run(shape: Shape, options: &BenchOptions) -> Result<BenchResult> {
     let prompt = Tensor::cat(&[soft_prompt, lm.embed_tokens(&text)?], 0)?;
     let prompt_positions = prompt.dim(0)?;
 
+    // Warm-up once (first-touch allocations), then the mean of ten prefills.
+    lm.prefill(&prompt, &mut lm.new_cache())?;
     let start = Instant::now();
-    let mut cache = lm.new_cache();
-    lm.prefill(&prompt, &mut cache)?;
-    let prefill_seconds = start.elapsed().as_secs_f64();
+    for _ in 0..10 {
+        lm.prefill(&prompt, &mut lm.new_cache())?;
+    }
+    let prefill_seconds = start.elapsed().as_secs_f64() / 10.0;
     eprintln!(
         "[{}] prefill of {prompt_positions} positions: {prefill_seconds:.3} s",
         shape.name()
