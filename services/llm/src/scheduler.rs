@@ -431,9 +431,13 @@ impl Worker {
         self.stats
             .largest_step
             .fetch_max(inputs.len() as u32, Ordering::SeqCst);
+        // A compute turn for the step: an image encode in this process (`blip2 serve all`)
+        // runs between steps, one encoder layer at a time, instead of beside them.
+        let turn = blip2_model::compute::turn();
         let logits = lm
             .forward_ragged(&inputs, &mut refs)
             .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
+        drop(turn);
         drop(refs);
         let mut logits = match logits {
             Ok(logits) => logits,
@@ -496,9 +500,11 @@ impl Worker {
         let Some(cache) = a.caches.first_mut() else {
             return;
         };
+        let turn = blip2_model::compute::turn();
         let logits = lm
             .prefill(&embeds, cache)
             .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
+        drop(turn);
         match logits {
             Ok(mut logits) => {
                 a.prefilled = a.prompt_len;

@@ -24,6 +24,7 @@
 //!   cache.
 
 pub mod checkpoint;
+pub mod compute;
 pub mod config;
 pub mod error;
 pub mod generation;

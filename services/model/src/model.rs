@@ -297,12 +297,16 @@ impl Blip2Model {
     /// Runs preprocessed images `[B, 3, H, W]` through vision encoder, Q-Former and projection.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<ImageEncoding> {
         let parts = self.vision_parts()?;
+        // The vision encoder takes a compute turn per layer (see `compute`); the Q-Former and
+        // the projection (a few ms) take one together.
         let image_embeds = parts.vision.forward(pixel_values)?;
+        let turn = crate::compute::turn();
         let query_output = parts.qformer.forward(&image_embeds)?;
         // The reference casts the f32 query output back to the vision dtype for the projection.
         let soft_prompt = self
             .language_projection
             .forward(&query_output.to_dtype(parts.vision.dtype())?)?;
+        drop(turn);
         Ok(ImageEncoding {
             pixel_values: pixel_values.clone(),
             image_embeds,

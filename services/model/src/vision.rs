@@ -412,14 +412,20 @@ impl VisionModel {
 
     /// `pixel_values`: `[B, 3, H, W]` (any float dtype; cast to the weights' dtype).
     pub fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
+        // One compute turn per layer (see `crate::compute`): a decode step in the same process
+        // waits for one layer at most, not for the whole image.
+        let turn = crate::compute::turn();
         let mut xs = self
             .embeddings
             .forward(&pixel_values.to_dtype(self.dtype)?)?;
+        drop(turn);
         match &self.layers {
             Layers::Candle(layers) => {
                 for layer in layers {
+                    let _turn = crate::compute::turn();
                     xs = layer.forward(&xs)?;
                 }
+                let _turn = crate::compute::turn();
                 self.post_layernorm.forward(&xs)
             }
             Layers::Fast {
@@ -439,9 +445,12 @@ impl VisionModel {
                     mlp: vec![0.0; rows * inner],
                 };
                 for layer in layers {
+                    let _turn = crate::compute::turn();
                     layer.forward(&mut data, batch, t, &mut scratch);
                 }
+                let turn = crate::compute::turn();
                 post_layernorm.forward(&data, &mut scratch.ln);
+                drop(turn);
                 Tensor::from_vec(scratch.ln, (batch, t, h), &device)
             }
         }
