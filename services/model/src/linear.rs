@@ -18,10 +18,10 @@ pub use crate::kernels::quant::WeightFormat;
 
 /// Up to this many rows, f32 projections run on the decode kernel; above it, the packed GEMM
 /// (`kernels::gemm`, weight panels packed on the fly). The kernel streams the weights once for
-/// all rows, while the GEMM packs every weight panel per call: on OPT-125m a 40-position
-/// prefill took 0.076 s through the kernel against 0.107 s through the GEMM (2-core target,
-/// 2026-11-29), so prompt chunks up to 64 positions stay on the kernel.
-pub const GEMV_MAX_ROWS: usize = 64;
+/// all rows; the GEMM packs each weight panel per call (in AVX transposes) and then multiplies
+/// near the FMA peak. On OPT-125m a 40-position prefill took 0.070 s through the GEMM against
+/// 0.076 s through the kernel (2-core target, 2026-11-29).
+pub const GEMV_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
 enum Weight {

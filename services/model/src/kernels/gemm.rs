@@ -701,15 +701,7 @@ unsafe fn gemm_panels(
                     let mut buf = buf.borrow_mut();
                     buf.ensure(kc * NR);
                     let dst = buf.as_mut_slice();
-                    if nv < NR {
-                        dst[..kc * NR].fill(0.0);
-                    }
-                    for j in 0..nv {
-                        let row = &w[(j0 + j) * ldw + pc..(j0 + j) * ldw + pc + kc];
-                        for (kk, &v) in row.iter().enumerate() {
-                            dst[kk * NR + j] = v;
-                        }
-                    }
+                    pack_panel_rows(dst, w, ldw, j0, nv, pc, kc);
                     // The buffer lives in this thread's TLS for the thread's lifetime and is
                     // not touched again until the next panel.
                     dst.as_ptr()
@@ -752,6 +744,110 @@ unsafe fn gemm_panels(
             break;
         }
         pc += kc;
+    }
+}
+
+/// Packs columns `j0..j0 + nv` (rows of the `[n, k]` weight `w`, stride `ldw`), depth
+/// `pc..pc + kc`, into one `kc x NR` panel `dst` (zero past `nv`).
+///
+/// This runs for every panel of every call with an unpacked weight (an LLM prefill reads all
+/// its weights this way), so full panels are transposed in 8 x 8 blocks in AVX registers: the
+/// scalar loop's strided stores made packing cost more than the multiplications.
+fn pack_panel_rows(
+    dst: &mut [f32],
+    w: &[f32],
+    ldw: usize,
+    j0: usize,
+    nv: usize,
+    pc: usize,
+    kc: usize,
+) {
+    assert!(
+        dst.len() >= kc * NR && nv <= NR,
+        "gemm: panel buffer too short"
+    );
+    if nv > 0 {
+        assert!(
+            w.len() >= (j0 + nv - 1) * ldw + pc + kc,
+            "gemm: weight too short"
+        );
+    }
+    let mut done = 0; // k positions packed by the vector path
+    #[cfg(target_arch = "x86_64")]
+    if nv == NR && std::arch::is_x86_feature_detected!("avx") {
+        done = kc - kc % 8;
+        // SAFETY: AVX was detected; rows `j0..j0 + NR` hold `pc + done` values at stride `ldw`
+        // (asserted above) and `dst` holds `kc * NR` values.
+        unsafe { transpose_panel_avx(dst, w, ldw, j0, pc, done) };
+    }
+    if nv < NR {
+        dst[..kc * NR].fill(0.0);
+    }
+    for j in 0..nv {
+        let row = &w[(j0 + j) * ldw + pc + done..(j0 + j) * ldw + pc + kc];
+        for (kk, &v) in row.iter().enumerate() {
+            dst[(done + kk) * NR + j] = v;
+        }
+    }
+}
+
+/// `dst[kk * NR + j] = w[(j0 + j) * ldw + pc + kk]` for `j < NR`, `kk < kc` (`kc` a multiple
+/// of 8), in 8 x 8 register transposes.
+///
+/// # Safety
+/// AVX must be available; the slices must hold the positions named (see `pack_panel_rows`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_panel_avx(
+    dst: &mut [f32],
+    w: &[f32],
+    ldw: usize,
+    j0: usize,
+    pc: usize,
+    kc: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(kc.is_multiple_of(8) && dst.len() >= kc * NR);
+    let src = w.as_ptr();
+    let out = dst.as_mut_ptr();
+    for jb in (0..NR).step_by(8) {
+        for kb in (0..kc).step_by(8) {
+            // SAFETY (all loads and stores below): row j0 + jb + r, columns pc + kb .. + 8, and
+            // panel rows kb .. kb + 8, columns jb .. jb + 8, are inside the slices (see above).
+            let row = |r: usize| unsafe { _mm256_loadu_ps(src.add((j0 + jb + r) * ldw + pc + kb)) };
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
+            let t0 = _mm256_unpacklo_ps(r0, r1);
+            let t1 = _mm256_unpackhi_ps(r0, r1);
+            let t2 = _mm256_unpacklo_ps(r2, r3);
+            let t3 = _mm256_unpackhi_ps(r2, r3);
+            let t4 = _mm256_unpacklo_ps(r4, r5);
+            let t5 = _mm256_unpackhi_ps(r4, r5);
+            let t6 = _mm256_unpacklo_ps(r6, r7);
+            let t7 = _mm256_unpackhi_ps(r6, r7);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (i, c) in cols.into_iter().enumerate() {
+                // SAFETY: see above.
+                unsafe { _mm256_storeu_ps(out.add((kb + i) * NR + jb), c) };
+            }
+        }
     }
 }
 
@@ -1237,6 +1333,27 @@ mod tests {
             ] {
                 for threads in [1, 2, 3] {
                     check(m, n, k, bias, gelu, residual, threads);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_packing_transposes_every_shape() {
+        // Full panels (the AVX transposes) with depths that are and are not multiples of 8, a
+        // partial panel (scalar, zero padded), and a row stride wider than the depth.
+        for &(nv, kc, ldw, pc) in &[(NR, 256, 300, 0), (NR, 44, 300, 256), (13, 37, 40, 3)] {
+            let w = rand_vec((nv + 2) * ldw, 31);
+            let mut dst = vec![f32::NAN; kc * NR];
+            pack_panel_rows(&mut dst, &w, ldw, 2, nv, pc, kc);
+            for kk in 0..kc {
+                for j in 0..NR {
+                    let want = if j < nv {
+                        w[(2 + j) * ldw + pc + kk]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(dst[kk * NR + j], want, "nv {nv} kc {kc}: [{kk}, {j}]");
                 }
             }
         }
