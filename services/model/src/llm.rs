@@ -121,11 +121,11 @@ impl SeqCache {
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let (heads, t, head_dim) = k.dims3()?;
         if v.dims3()? != (heads, t, head_dim) {
-            return Err(crate::Error::InvalidInput(format!(
+            return Err(crate::Error::Candle(candle_core::Error::Msg(format!(
                 "keys {:?} and values {:?} differ in shape",
                 k.shape(),
                 v.shape()
-            )));
+            ))));
         }
         let store = self.reserve(layer, &k, t)?;
         store.k.slice_set(&k.contiguous()?, 1, store.len)?;
@@ -147,9 +147,9 @@ impl SeqCache {
     fn reserve(&mut self, layer: usize, like: &Tensor, t: usize) -> Result<&mut KvStore> {
         let layers = self.self_kv.len();
         if layer >= layers {
-            return Err(crate::Error::InvalidInput(format!(
+            return Err(crate::Error::Candle(candle_core::Error::Msg(format!(
                 "layer {layer} of a cache of {layers} layers"
-            )));
+            ))));
         }
         if self.stores.len() < layers {
             self.stores.resize(layers, None);
@@ -192,7 +192,9 @@ impl SeqCache {
         }
         match self.stores[layer].as_mut() {
             Some(store) => Ok(store),
-            None => Err(crate::Error::InvalidInput("no KV store".into())),
+            None => Err(crate::Error::Candle(candle_core::Error::Msg(
+                "no KV store after reserving one".into(),
+            ))),
         }
     }
 

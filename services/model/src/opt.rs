@@ -109,18 +109,18 @@ impl Attention {
         }
         if !decode_rows.is_empty() {
             let decoded = self.decode_attention(&q, &decode_rows, caches, layer)?;
+            if decode_rows.len() == lengths.len() {
+                // A pure decode step: the rows are already in order.
+                return Ok(self.out_proj.forward(&decoded)?);
+            }
             for (n, &(i, _)) in decode_rows.iter().enumerate() {
                 outputs[i] = Some(decoded.narrow(0, n, 1)?);
             }
         }
         let outputs = outputs.into_iter().flatten().collect::<Vec<_>>();
-        let out = if outputs.len() == 1 {
-            outputs
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::InvalidInput("attention produced no output rows".into()))?
-        } else {
-            Tensor::cat(&outputs, 0)?
+        let out = match outputs.as_slice() {
+            [only] => only.clone(),
+            _ => Tensor::cat(&outputs, 0)?,
         };
         Ok(self.out_proj.forward(&out)?)
     }
@@ -139,16 +139,14 @@ impl Attention {
         let q = q.contiguous()?;
         let (qg, ql) = q.storage_and_layout();
         let candle_core::Storage::Cpu(qc) = &*qg else {
-            return Err(Error::InvalidInput(
-                "decode attention needs CPU tensors".into(),
-            ));
+            return Err(internal("decode attention needs CPU tensors"));
         };
         let q_all = &qc.as_slice::<f32>()?[ql.start_offset()..];
         let reads = rows
             .iter()
             .map(|&(i, _)| caches[i].kv_read(layer))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::InvalidInput("a decode row has no KV buffer".into()))?;
+            .ok_or_else(|| internal("a decode row has no KV buffer"))?;
         let seqs = rows
             .iter()
             .zip(&reads)
@@ -159,11 +157,16 @@ impl Attention {
                 })
             })
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::InvalidInput("a decode row's KV is not f32".into()))?;
+            .ok_or_else(|| internal("a decode row's KV is not f32"))?;
         let mut out = vec![0f32; rows.len() * width];
         crate::kernels::attention::decode(&seqs, self.num_heads, self.head_dim, &mut out);
         Ok(Tensor::from_vec(out, (rows.len(), width), q.device())?)
     }
+}
+
+/// A broken invariant of this module (never the caller's input).
+fn internal(message: &str) -> Error {
+    Error::Candle(candle_core::Error::Msg(message.into()))
 }
 
 /// Additive mask `[t, past + t]` hiding future positions of a chunk of `t` new queries that
