@@ -639,15 +639,37 @@ fn pack_a(dst: &mut AlignedBuf, a: &[f32], lda: usize, m: usize, pc: usize, kc: 
     let mut i0 = 0;
     while i0 < m {
         let mr = MR.min(m - i0);
-        let tile = &mut out[i0 * kc..(i0 + mr) * kc];
-        for i in 0..mr {
-            let row = &a[(i0 + i) * lda + pc..(i0 + i) * lda + pc + kc];
-            for (kk, &v) in row.iter().enumerate() {
-                tile[kk * mr + i] = v;
-            }
-        }
+        pack_a_tile(&mut out[i0 * kc..(i0 + mr) * kc], a, lda, i0, mr, pc, kc);
         i0 += mr;
     }
+}
+
+/// One tile of [`pack_a`]: rows `i0..i0 + mr`, columns `pc..pc + kc`, into `tile`
+/// (`[kc][mr]`).
+fn pack_a_tile(
+    tile: &mut [f32],
+    a: &[f32],
+    lda: usize,
+    i0: usize,
+    mr: usize,
+    pc: usize,
+    kc: usize,
+) {
+    for i in 0..mr {
+        let row = &a[(i0 + i) * lda + pc..(i0 + i) * lda + pc + kc];
+        for (kk, &v) in row.iter().enumerate() {
+            tile[kk * mr + i] = v;
+        }
+    }
+}
+
+/// Where [`gemm_panels`] gets its packed `A`.
+enum APanels<'a> {
+    /// Packs each k slice itself into this buffer.
+    Pack(&'a mut AlignedBuf),
+    /// Already packed, every k slice (slice at `pc` starts at `m * pc`, laid out as
+    /// [`pack_a`] lays out one slice); shared by the threads of one call.
+    Packed(&'a [f32]),
 }
 
 /// A raw output pointer that threads share; each writes a disjoint set of columns.
@@ -682,13 +704,19 @@ unsafe fn gemm_panels(
     c: *mut f32,
     ldc: usize,
     epi: &Epilogue,
-    apack: &mut AlignedBuf,
+    mut apanels: APanels,
 ) {
     let isa = isa();
     let mut pc = 0;
     while pc < k || (k == 0 && pc == 0) {
         let kc = KC.min(k - pc);
-        pack_a(apack, a, lda, m, pc, kc);
+        let a_slice: &[f32] = match &mut apanels {
+            APanels::Pack(buf) => {
+                pack_a(buf, a, lda, m, pc, kc);
+                buf.as_slice()
+            }
+            APanels::Packed(all) => &all[m * pc..m * (pc + kc)],
+        };
         let first = pc == 0;
         let last = pc + kc == k;
         for p in p0..p1 {
@@ -727,7 +755,7 @@ unsafe fn gemm_panels(
                         isa,
                         mr,
                         kc,
-                        apack.as_slice().as_ptr().add(i0 * kc),
+                        a_slice.as_ptr().add(i0 * kc),
                         bp,
                         c.add(i0 * ldc + j0),
                         ldc,
@@ -863,6 +891,8 @@ enum BSource<'a> {
 
 thread_local! {
     static APACK: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::zeros(0));
+    /// The whole packed `A` of a multi-threaded call, owned by the calling thread.
+    static APACK_ALL: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::zeros(0));
     static BPANEL: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::zeros(0));
 }
 
@@ -974,16 +1004,77 @@ fn gemm_impl(
     let work = m * n * k;
     let threads = threads.clamp(1, np).min((work / 200_000).max(1));
     let cp = SharedMut(c.as_mut_ptr());
-    let run = |t: usize| {
-        let p0 = np * t / threads;
-        let p1 = np * (t + 1) / threads;
+    if threads <= 1 || k == 0 {
         APACK.with(|buf| {
             let mut buf = buf.borrow_mut();
-            // SAFETY: thread t writes only the columns of panels p0..p1; shapes checked above.
-            unsafe { gemm_panels(a, lda, m, k, b, n, (p0, p1), cp.ptr(), ldc, &epi, &mut buf) };
+            // SAFETY: the only writer; shapes checked above.
+            unsafe {
+                gemm_panels(
+                    a,
+                    lda,
+                    m,
+                    k,
+                    b,
+                    n,
+                    (0, np),
+                    cp.ptr(),
+                    ldc,
+                    &epi,
+                    APanels::Pack(&mut buf),
+                )
+            };
         });
+        return;
+    }
+    // Pack A once, the threads sharing the tiles (each packing all of A for its own panels
+    // cost ~5% of an image encode), then let them claim chunks of panels as they go, so a thread
+    // that starts late or is interrupted does not hold the other up at the end.
+    // The calling thread's buffer, taken for this call (a fresh one if its TLS is gone).
+    let mut all = APACK_ALL
+        .try_with(|b| b.replace(AlignedBuf::zeros(0)))
+        .unwrap_or_else(|_| AlignedBuf::zeros(0));
+    all.ensure(m * k);
+    {
+        let dst = SharedMut(all.as_mut_slice().as_mut_ptr());
+        let tiles = m.div_ceil(MR);
+        let pack = |t: usize| {
+            let (slice, tile) = (t / tiles, t % tiles);
+            let pc = slice * KC;
+            let kc = KC.min(k - pc);
+            let i0 = tile * MR;
+            let mr = MR.min(m - i0);
+            // SAFETY: task t alone writes tile `tile` of slice `slice`, i.e.
+            // `[m * pc + i0 * kc, m * pc + (i0 + mr) * kc)`, inside the `m * k` buffer.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(m * pc + i0 * kc), mr * kc) };
+            pack_a_tile(out, a, lda, i0, mr, pc, kc);
+        };
+        super::pool::par_chunks(k.div_ceil(KC) * tiles, threads, &pack);
+    }
+    let packed = all.as_slice();
+    let per_chunk = (np / (threads * 4)).max(1);
+    let run = |chunk: usize| {
+        let p0 = chunk * per_chunk;
+        let p1 = (p0 + per_chunk).min(np);
+        // SAFETY: chunk `chunk` alone writes the columns of panels p0..p1; shapes checked above.
+        unsafe {
+            gemm_panels(
+                a,
+                lda,
+                m,
+                k,
+                b,
+                n,
+                (p0, p1),
+                cp.ptr(),
+                ldc,
+                &epi,
+                APanels::Packed(packed),
+            )
+        };
     };
-    par_for(threads, &run);
+    super::pool::par_chunks(np.div_ceil(per_chunk), threads, &run);
+    let _ = APACK_ALL.try_with(|b| b.replace(all));
 }
 
 /// Single-threaded `C = epi(A · Bᵀ)` with `B` packed in `bpack` by [`pack_b_nk`] /
@@ -1022,7 +1113,7 @@ pub fn gemm_prepacked_st(
             c.as_mut_ptr(),
             ldc,
             &epi,
-            apack,
+            APanels::Pack(apack),
         )
     };
 }
@@ -1182,7 +1273,7 @@ pub fn attention(
                         scores.as_mut_ptr(),
                         s.tk,
                         &epi,
-                        ab,
+                        APanels::Pack(ab),
                     )
                 };
                 softmax_rows(scores, s.tq, s.tk, s.tk);
@@ -1204,7 +1295,7 @@ pub fn attention(
                         op.ptr().add(oo),
                         s.ldo,
                         &Epilogue::default(),
-                        ab,
+                        APanels::Pack(ab),
                     )
                 };
             }
