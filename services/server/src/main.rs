@@ -22,6 +22,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // candle looks its thread count up on every CPU matmul and, without RAYON_NUM_THREADS,
+    // counts the physical cores by reading /proc/cpuinfo each time (tens of microseconds per
+    // matmul). Pin the same value once, here, before any thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
