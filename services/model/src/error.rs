@@ -41,6 +41,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// A broken invariant of this library (never the caller's input): a tensor error, which
+    /// the tiers report as INTERNAL.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Error::Candle(candle_core::Error::Msg(message.into()))
+    }
+
     /// A short label for metrics and logs.
     pub fn error_type(&self) -> &'static str {
         match self {

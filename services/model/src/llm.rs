@@ -121,11 +121,11 @@ impl SeqCache {
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let (heads, t, head_dim) = k.dims3()?;
         if v.dims3()? != (heads, t, head_dim) {
-            return Err(crate::Error::Candle(candle_core::Error::Msg(format!(
+            return Err(crate::Error::internal(format!(
                 "keys {:?} and values {:?} differ in shape",
                 k.shape(),
                 v.shape()
-            ))));
+            )));
         }
         let store = self.reserve(layer, &k, t)?;
         store.k.slice_set(&k.contiguous()?, 1, store.len)?;
@@ -147,9 +147,9 @@ impl SeqCache {
     fn reserve(&mut self, layer: usize, like: &Tensor, t: usize) -> Result<&mut KvStore> {
         let layers = self.self_kv.len();
         if layer >= layers {
-            return Err(crate::Error::Candle(candle_core::Error::Msg(format!(
+            return Err(crate::Error::internal(format!(
                 "layer {layer} of a cache of {layers} layers"
-            ))));
+            )));
         }
         if self.stores.len() < layers {
             self.stores.resize(layers, None);
@@ -160,42 +160,39 @@ impl SeqCache {
             Some(p) => p.k.dim(1)?,
             None => 0,
         };
-        let ready = match (&self.stores[layer], &prev) {
-            (Some(s), Some(p)) => {
+        let current = self.stores[layer].take().filter(|s| {
+            prev.as_ref().is_some_and(|p| {
                 Arc::strong_count(&s.owner) == 1
                     && s.view == p.k.id()
                     && s.len == prev_len
                     && prev_len + t <= s.capacity()
                     && s.k.dtype() == like.dtype()
-                    && s.k.dims3()? == (heads, s.capacity(), head_dim)
-            }
-            _ => false,
-        };
-        if !ready {
-            let capacity = (prev_len + t + KV_HEADROOM).next_multiple_of(KV_HEADROOM);
-            let shape = (heads, capacity, head_dim);
-            let k = Tensor::zeros(shape, like.dtype(), like.device())?;
-            let v = Tensor::zeros(shape, like.dtype(), like.device())?;
-            if let Some(p) = &prev {
-                if prev_len > 0 {
-                    k.slice_set(&p.k.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
-                    v.slice_set(&p.v.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
+                    && s.k.dims3().ok() == Some((heads, s.capacity(), head_dim))
+            })
+        });
+        let store = match current {
+            Some(store) => store,
+            None => {
+                let capacity = (prev_len + t + KV_HEADROOM).next_multiple_of(KV_HEADROOM);
+                let shape = (heads, capacity, head_dim);
+                let k = Tensor::zeros(shape, like.dtype(), like.device())?;
+                let v = Tensor::zeros(shape, like.dtype(), like.device())?;
+                if let Some(p) = &prev {
+                    if prev_len > 0 {
+                        k.slice_set(&p.k.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
+                        v.slice_set(&p.v.to_dtype(like.dtype())?.contiguous()?, 1, 0)?;
+                    }
+                }
+                KvStore {
+                    view: k.id(),
+                    k,
+                    v,
+                    len: prev_len,
+                    owner: Arc::new(()),
                 }
             }
-            self.stores[layer] = Some(KvStore {
-                view: k.id(),
-                k,
-                v,
-                len: prev_len,
-                owner: Arc::new(()),
-            });
-        }
-        match self.stores[layer].as_mut() {
-            Some(store) => Ok(store),
-            None => Err(crate::Error::Candle(candle_core::Error::Msg(
-                "no KV store after reserving one".into(),
-            ))),
-        }
+        };
+        Ok(self.stores[layer].insert(store))
     }
 
     /// Layer `layer`'s KV for reading in place (see [`KvRead::slices`]); `None` when the layer

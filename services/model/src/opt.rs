@@ -139,14 +139,14 @@ impl Attention {
         let q = q.contiguous()?;
         let (qg, ql) = q.storage_and_layout();
         let candle_core::Storage::Cpu(qc) = &*qg else {
-            return Err(internal("decode attention needs CPU tensors"));
+            return Err(Error::internal("decode attention needs CPU tensors"));
         };
         let q_all = &qc.as_slice::<f32>()?[ql.start_offset()..];
         let reads = rows
             .iter()
             .map(|&(i, _)| caches[i].kv_read(layer))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| internal("a decode row has no KV buffer"))?;
+            .ok_or_else(|| Error::internal("a decode row has no KV buffer"))?;
         let seqs = rows
             .iter()
             .zip(&reads)
@@ -157,16 +157,11 @@ impl Attention {
                 })
             })
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| internal("a decode row's KV is not f32"))?;
+            .ok_or_else(|| Error::internal("a decode row's KV is not f32"))?;
         let mut out = vec![0f32; rows.len() * width];
         crate::kernels::attention::decode(&seqs, self.num_heads, self.head_dim, &mut out);
         Ok(Tensor::from_vec(out, (rows.len(), width), q.device())?)
     }
-}
-
-/// A broken invariant of this module (never the caller's input).
-fn internal(message: &str) -> Error {
-    Error::Candle(candle_core::Error::Msg(message.into()))
 }
 
 /// Additive mask `[t, past + t]` hiding future positions of a chunk of `t` new queries that

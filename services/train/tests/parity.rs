@@ -151,9 +151,10 @@ fn stage1_losses_and_gradients_equal_pytorchs() {
 
 /// Stage 2 through OPT on the serving layout (BOS, the image's placeholders, the prompt, the
 /// target and EOS). In f64 the loss and every gradient equal PyTorch's f64 ones within 1e-4
-/// (measured: loss 8e-8, gradients 4.6e-6): the computation is the same. In f32 the loss is within 1e-4; the
-/// gradients are within 1e-3, because f32 itself is that far from exact here: PyTorch's own f32
-/// gradients differ from its f64 ones by up to 9.3e-4 (the generator prints that floor).
+/// (measured: loss 8e-8, gradients 4.6e-6): the computation is the same. In f32 the loss is
+/// within 1e-4; the gradients are within 1e-3, because f32 itself is that far from exact here:
+/// PyTorch's own f32 gradients differ from its f64 ones by up to 9.3e-4 (the generator prints
+/// that floor).
 #[test]
 fn stage2_opt_loss_and_gradients_equal_pytorchs() {
     let dir = root().join("tests/fixtures/training/stage2-opt");

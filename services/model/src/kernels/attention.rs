@@ -12,6 +12,9 @@
 //! softmax with the row maximum subtracted, probabilities divided by their sum before the
 //! weighted sum of the values.
 
+use std::cell::RefCell;
+
+use super::SharedMut;
 use crate::llm::KvSlices;
 
 /// One sequence's share of a decode attention call.
@@ -20,21 +23,6 @@ pub struct DecodeSeq<'a> {
     pub q: &'a [f32],
     /// The sequence's keys and values, the new position included.
     pub kv: KvSlices<'a>,
-}
-
-/// A pointer to disjoint output slices, shared by the threads of one call.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each task writes only its own `[head_dim]` slice of the output (see `decode`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Attention of each sequence's single query over its cached positions. `out` is
@@ -56,7 +44,7 @@ pub fn decode(seqs: &[DecodeSeq<'_>], heads: usize, head_dim: usize, out: &mut [
             "attention: KV shorter than [heads, capacity, head_dim]"
         );
     }
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedMut::new(out.as_mut_ptr());
     let run = |task: usize| {
         let (i, h) = (task / heads, task % heads);
         let s = &seqs[i];
@@ -82,15 +70,40 @@ pub fn decode(seqs: &[DecodeSeq<'_>], heads: usize, head_dim: usize, out: &mut [
     super::pool::par_chunks(tasks, threads, &run);
 }
 
+thread_local! {
+    /// Each pool thread's buffer for one head's scores, kept between calls (a decode step runs
+    /// sequences x layers x heads of them).
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// One head: `o = softmax(q · Kᵀ) · V` over `keys`/`values` `[len, head_dim]`.
 fn head(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::gemv::has_avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { head_avx2(q, keys, values, head_dim, o) };
-        return;
+    SCORES.with(|scores| {
+        let mut scores = scores.borrow_mut();
+        scores.clear();
+        #[cfg(target_arch = "x86_64")]
+        if super::gemv::has_avx2() {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            unsafe { head_avx2(q, keys, values, head_dim, o, &mut scores) };
+            return;
+        }
+        head_generic(q, keys, values, head_dim, o, &mut scores)
+    })
+}
+
+/// Turns the raw scores (their maximum `max`) into softmax probabilities in place: the maximum
+/// subtracted, exponentiated, divided by their sum.
+#[inline(always)]
+fn softmax(scores: &mut [f32], max: f32) {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
     }
-    head_generic(q, keys, values, head_dim, o)
+    let inv = 1.0 / sum;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
 }
 
 /// [`head_generic`] with AVX2 FMAs: each score is one pass of 8-wide FMAs over the key, and
@@ -100,10 +113,17 @@ fn head(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o: &mut [f32])
 /// AVX2 and FMA must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o: &mut [f32]) {
+unsafe fn head_avx2(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    o: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     use std::arch::x86_64::*;
     if !head_dim.is_multiple_of(8) || head_dim == 0 {
-        return head_generic(q, keys, values, head_dim, o);
+        return head_generic(q, keys, values, head_dim, o, scores);
     }
     let len = keys.len() / head_dim;
     assert!(
@@ -111,7 +131,6 @@ unsafe fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o:
         "attention: head slices too short"
     );
     let qp = q.as_ptr();
-    let mut scores = Vec::with_capacity(len);
     let mut max = f32::NEG_INFINITY;
     for key in keys.chunks_exact(head_dim) {
         let kp = key.as_ptr();
@@ -128,19 +147,14 @@ unsafe fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o:
         max = max.max(s);
         scores.push(s);
     }
-    let mut sum = 0f32;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    softmax(scores, max);
     // Blocks of up to 64 output values (8 registers), one pass over the values each.
     let mut c0 = 0;
     while c0 < head_dim {
         let width = (head_dim - c0).min(64);
         let mut acc = [_mm256_setzero_ps(); 8];
         for (j, p) in scores.iter().enumerate() {
-            let p = _mm256_set1_ps(*p * inv);
+            let p = _mm256_set1_ps(*p);
             // SAFETY: row j of the values holds head_dim values; c0 + width <= head_dim.
             let vp = unsafe { values.as_ptr().add(j * head_dim + c0) };
             if width == 64 {
@@ -165,24 +179,23 @@ unsafe fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o:
 }
 
 #[inline(always)]
-fn head_generic(q: &[f32], keys: &[f32], values: &[f32], head_dim: usize, o: &mut [f32]) {
-    let len = keys.len() / head_dim.max(1);
-    let mut scores = Vec::with_capacity(len);
+fn head_generic(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    o: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     let mut max = f32::NEG_INFINITY;
     for key in keys.chunks_exact(head_dim) {
         let s = dot(q, key);
         max = max.max(s);
         scores.push(s);
     }
-    let mut sum = 0f32;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    softmax(scores, max);
     o.fill(0.0);
-    for (p, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
-        let p = *p * inv;
+    for (&p, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
         for (acc, v) in o.iter_mut().zip(value) {
             *acc += p * v;
         }

@@ -20,6 +20,8 @@
 //! enabled, once without) computes the same tiles.
 
 use std::cell::RefCell;
+
+use super::SharedMut;
 use std::sync::OnceLock;
 
 /// Columns per packed panel (two AVX-512 vectors).
@@ -672,21 +674,6 @@ enum APanels<'a> {
     Packed(&'a [f32]),
 }
 
-/// A raw output pointer that threads share; each writes a disjoint set of columns.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used to hand disjoint column ranges of one output to pool threads.
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// A method (not `.0`) so closures capture the whole `Sync` wrapper, not the raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Single-thread driver over panels `p0..p1` of `b`.
 ///
 /// # Safety
@@ -1003,7 +990,7 @@ fn gemm_impl(
     // Keep some work per thread.
     let work = m * n * k;
     let threads = threads.clamp(1, np).min((work / 200_000).max(1));
-    let cp = SharedMut(c.as_mut_ptr());
+    let cp = SharedMut::new(c.as_mut_ptr());
     if threads <= 1 || k == 0 {
         APACK.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -1035,7 +1022,7 @@ fn gemm_impl(
         .unwrap_or_else(|_| AlignedBuf::zeros(0));
     all.ensure(m * k);
     {
-        let dst = SharedMut(all.as_mut_slice().as_mut_ptr());
+        let dst = SharedMut::new(all.as_mut_slice().as_mut_ptr());
         let tiles = m.div_ceil(MR);
         let pack = |t: usize| {
             let (slice, tile) = (t / tiles, t % tiles);
@@ -1237,7 +1224,7 @@ pub fn attention(
         "attention: out too short"
     );
     let jobs = s.batch * s.heads;
-    let op = SharedMut(out.as_mut_ptr());
+    let op = SharedMut::new(out.as_mut_ptr());
     let out_len = out.len();
     let run = |t: usize| {
         ATTN_BUFS.with(|bufs| {

@@ -21,6 +21,7 @@
 use std::sync::OnceLock;
 
 use super::quant::{PackedView, GROUP};
+use super::SharedMut;
 
 /// Weight rows per tile.
 pub const R: usize = 4;
@@ -114,14 +115,6 @@ pub fn has_f16c() -> bool {
     })
 }
 
-/// A pointer to disjoint output columns, shared by the threads of one call.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each thread writes only its own column range of the output (see `matmul_wt`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
 /// `y = x · Wᵀ (+ bias)`: `x` `[m, k]`, `W` `[n, k]`, `y` `[m, n]`, all row-major.
 ///
 /// Panics when a slice is shorter than its shape says (a caller bug, never data-dependent).
@@ -151,7 +144,7 @@ pub fn matmul_wt(
     let rows_per_chunk = (65_536 / k.max(1)).div_ceil(R).max(1) * R;
     let chunks = n.div_ceil(rows_per_chunk);
     let threads = pool_threads(n * k);
-    let out = SharedOut(y.as_mut_ptr());
+    let out = SharedMut::new(y.as_mut_ptr());
     let isa = isa();
     let run = |c: usize| {
         let j0 = c * rows_per_chunk;
@@ -175,7 +168,7 @@ fn rows_task(
     n: usize,
     bias: Option<&[f32]>,
     (j0, j1): (usize, usize),
-    out: SharedOut,
+    out: SharedMut,
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Weights::Packed(p) = w {
@@ -212,7 +205,7 @@ fn rows_task(
                 let b = bias.map_or(0.0, |b| b[j + rr]);
                 // SAFETY: `i < m`, `j + rr < n` and `y` holds `m * n` values (checked in
                 // `matmul_wt`); this thread alone writes columns `j0..j1`.
-                unsafe { *out.0.add(i * n + j + rr) = acc[rr * m + i] + b };
+                unsafe { *out.ptr().add(i * n + j + rr) = acc[rr * m + i] + b };
             }
         }
         j += r;
@@ -416,7 +409,7 @@ macro_rules! dispatch_wide {
 mod fused {
     use std::arch::x86_64::*;
 
-    use super::{SharedOut, MR, R};
+    use super::{SharedMut, MR, R};
     use crate::kernels::quant::{QuantParts, GROUP};
 
     /// How many row blocks ahead the codes are prefetched.
@@ -436,7 +429,7 @@ mod fused {
         n: usize,
         bias: Option<&[f32]>,
         (j0, j1): (usize, usize),
-        out: SharedOut,
+        out: SharedMut,
     ) {
         let g = k.div_ceil(GROUP);
         assert!(
@@ -504,7 +497,7 @@ mod fused {
         r: usize,
         n: usize,
         bp: *const f32,
-        out: SharedOut,
+        out: SharedMut,
     ) {
         let a = Args {
             x: x[i * k..].as_ptr(),
@@ -516,7 +509,7 @@ mod fused {
             gs: g,
             k,
             // SAFETY: `i < m`, `j < n`: inside the `[m, n]` output (contract).
-            y: unsafe { out.0.add(i * n + j) },
+            y: unsafe { out.ptr().add(i * n + j) },
             ys: n,
             b: if bp.is_null() {
                 bp
@@ -814,7 +807,7 @@ mod tests {
         let b = bias.then_some(&b[..]);
         let want = naive(&x, m, k, &w, n, b);
         let mut got = vec![f32::NAN; m * n];
-        let out = SharedOut(got.as_mut_ptr());
+        let out = SharedMut::new(got.as_mut_ptr());
         rows_task(isa, &x, m, k, Weights::F32(&w), n, b, (0, n), out);
         for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -882,7 +875,7 @@ mod tests {
                     let want = naive(&x, m, k, &deq, n, b);
                     for isa in isas() {
                         let mut got = vec![f32::NAN; m * n];
-                        let out = SharedOut(got.as_mut_ptr());
+                        let out = SharedMut::new(got.as_mut_ptr());
                         p.with_view(|v| {
                             rows_task(isa, &x, m, k, Weights::Packed(&v), n, b, (0, n), out)
                         })
